@@ -1,0 +1,166 @@
+"""Behaviour shared by every training stage: degradation bookkeeping, frozen teachers, LFW validation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from lvlrfr.data.degradation import Degradation, coerce_degradation
+from lvlrfr.evaluation.metrics import VerificationMetric
+from lvlrfr.evaluation.plots import plot_roc
+from lvlrfr.evaluation.verification import fuse_flip
+
+logger = logging.getLogger(__name__)
+
+
+class DegradationMismatchError(ValueError):
+    """A stage or checkpoint was trained on a different degradation than the data module produces."""
+
+
+def describe_difference(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """Return ``key: expected -> found`` lines for the keys whose values differ."""
+    keys = sorted(set(expected) | set(found))
+    return "; ".join(f"{key}: {expected.get(key)!r} -> {found.get(key)!r}" for key in keys if expected.get(key) != found.get(key))
+
+
+class FaceStage(L.LightningModule):
+    """Base LightningModule of the stages.
+
+    Subclasses register their teachers with :meth:`freeze_module`, implement :meth:`embed` when their
+    model produces face embeddings, and call ``super().setup(stage)``. The base class then
+
+    * keeps frozen modules in eval mode and leaves their weights out of the stage's checkpoint (they are
+      reloaded from their own files), so ``strict_loading`` is off for those keys only;
+    * records the data module's :class:`Degradation` in the hyper-parameters and rejects a mismatch;
+    * evaluates LFW verification on every validation dataloader (one per VLR size), fusing each
+      image's embedding with that of its horizontal flip, and logs ``val/lfw16_acc``,
+      ``val/lfw16_acc_std``, ``val/lfw16_tar@far1e-3`` and an ROC curve PNG.
+    """
+
+    #: Whether :meth:`embed` is meaningful for verification; stages without embeddings set False.
+    evaluates_verification = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen_names: list[str] = []
+        self.verification_metrics = nn.ModuleList()
+        self.eval_names: list[str] = []
+        # Teachers are not saved in the checkpoint, so loading must tolerate their missing keys.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------------------ frozen modules
+
+    def freeze_module(self, name: str) -> None:
+        """Freeze submodule ``name``: no gradients, eval mode kept, excluded from the optimizer and checkpoint."""
+        module: nn.Module = getattr(self, name)
+        module.requires_grad_(False)
+        module.eval()
+        if name not in self._frozen_names:
+            self._frozen_names.append(name)
+
+    def train(self, mode: bool = True) -> FaceStage:
+        super().train(mode)
+        for name in self._frozen_names:
+            getattr(self, name).eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = tuple(f"{name}." for name in self._teacher_names())
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key in [key for key in state if key.startswith(prefixes)]:
+                del state[key]
+
+    def _teacher_names(self) -> list[str]:
+        """Frozen submodules reloaded from their own files; subclasses list them to keep them out of checkpoints."""
+        return []
+
+    # --------------------------------------------------------------------------------- degradation
+
+    @property
+    def degradation(self) -> Degradation:
+        return coerce_degradation(self.hparams.get("degradation"))
+
+    def _sync_degradation(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "degradation"):
+            return
+        data_spec = datamodule.degradation.to_dict()
+        recorded = self.hparams.get("degradation")
+        if recorded is None:
+            self.hparams["degradation"] = data_spec
+            return
+        recorded = coerce_degradation(recorded).to_dict()
+        # The evaluation size may differ from the training size; every other field must match.
+        if {**recorded, "vlr_size": None} != {**data_spec, "vlr_size": None}:
+            raise DegradationMismatchError(
+                f"{type(self).__name__} was configured for degradation {recorded} but the data module produces "
+                f"{data_spec} ({describe_difference(recorded, data_spec)}); use one degradation for every stage "
+                "(data.degradation) or remove model.init_args.degradation"
+            )
+
+    # ---------------------------------------------------------------------------------- validation
+
+    def setup(self, stage: str) -> None:
+        self._sync_degradation()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        protocol = getattr(datamodule, "eval_protocol", None)
+        if not self.evaluates_verification or protocol is None or len(self.verification_metrics):
+            return
+        self.eval_names = list(datamodule.eval_names)
+        for _ in self.eval_names:
+            self.verification_metrics.append(VerificationMetric(protocol.pairs, protocol.same, protocol.folds))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embed ``(B, 3, S, S)`` faces in [-1, 1] to ``(B, D)``; stages that evaluate verification override it."""
+        raise NotImplementedError(f"{type(self).__name__} does not produce face embeddings")
+
+    def embed_with_flip(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the flip-fused embedding ``(B, D)``: the sum of the embeddings of the image and its mirror."""
+        return fuse_flip(self.embed(images), self.embed(torch.flip(images, dims=[3])))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.evaluates_verification or not len(self.verification_metrics):
+            return
+        self.verification_metrics[dataloader_idx].update(self.embed_with_flip(batch["vlr"]), batch["index"])
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_verification("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_verification("test")
+
+    def _log_verification(self, split: str) -> None:
+        results = {}
+        for name, metric in zip(self.eval_names, self.verification_metrics):
+            if not metric.update_called:
+                continue
+            result = metric.compute()
+            metric.reset()
+            results[name] = result
+            self.log(f"{split}/{name}_acc", result.accuracy_mean, prog_bar=True, sync_dist=False)
+            self.log(f"{split}/{name}_acc_std", result.accuracy_std, sync_dist=False)
+            for far, tar in result.tar_at_far.items():
+                self.log(f"{split}/{name}_tar@far{far:.0e}".replace("e-0", "e-"), tar, sync_dist=False)
+        if results and not self.trainer.sanity_checking:
+            self._save_roc(results, split)
+
+    @rank_zero_only
+    def _save_roc(self, results: dict[str, Any], split: str) -> None:
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "roc"
+        path = plot_roc(results, folder / f"{split}_epoch{self.current_epoch:03d}.png")
+        for logger_ in self.loggers:
+            if hasattr(logger_, "log_image"):
+                logger_.log_image(key=f"{split}/roc", images=[str(path)])
