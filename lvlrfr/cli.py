@@ -91,7 +91,7 @@ def add_run_folder_defaults(config: Any, kwargs: dict[str, Any]) -> dict[str, An
             callbacks.append(FinalCheckpoint(dirpath=f"{root}/checkpoints"))
     kwargs["callbacks"] = callbacks
     if trainer.get("logger") in (None, True):
-        stage_name = config["model"]["class_path"].rsplit(".", 1)[-1]
+        stage_name = type(config["model"]).__name__
         kwargs["logger"] = [
             CSVLogger(save_dir=root, name="", version="csv"),
             WandbLogger(save_dir=root, project="lvlrfr", name=stage_name, group=str(root)),

@@ -15,6 +15,8 @@ from lvlrfr.data.degradation import Degradation, coerce_degradation
 from lvlrfr.evaluation.metrics import VerificationMetric
 from lvlrfr.evaluation.plots import plot_roc
 from lvlrfr.evaluation.verification import fuse_flip
+from lvlrfr.losses.margin import ArcFaceHead, CosFaceHead, MarginHead
+from lvlrfr.utils.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,16 @@ def describe_difference(expected: dict[str, Any], found: dict[str, Any]) -> str:
     """Return ``key: expected -> found`` lines for the keys whose values differ."""
     keys = sorted(set(expected) | set(found))
     return "; ".join(f"{key}: {expected.get(key)!r} -> {found.get(key)!r}" for key in keys if expected.get(key) != found.get(key))
+
+
+MARGIN_HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead}
+
+
+def build_margin_head(kind: str, embedding_size: int, num_classes: int, scale: float, margin: float) -> MarginHead:
+    """Build the ArcFace or CosFace classifier over ``num_classes`` training identities."""
+    if kind not in MARGIN_HEADS:
+        raise ConfigurationError(f"model.init_args.margin={kind!r} is not one of {sorted(MARGIN_HEADS)}")
+    return MARGIN_HEADS[kind](embedding_size, num_classes, scale=scale, margin=margin)
 
 
 class FaceStage(L.LightningModule):
@@ -98,6 +110,9 @@ class FaceStage(L.LightningModule):
         recorded = self.hparams.get("degradation")
         if recorded is None:
             self.hparams["degradation"] = data_spec
+            # Loggers read the initial hyper-parameters and reject a key that differs from the data module's.
+            if getattr(self, "_hparams_initial", None) is not None:
+                self._hparams_initial["degradation"] = data_spec
             return
         recorded = coerce_degradation(recorded).to_dict()
         # The evaluation size may differ from the training size; every other field must match.
@@ -107,6 +122,34 @@ class FaceStage(L.LightningModule):
                 f"{data_spec} ({describe_difference(recorded, data_spec)}); use one degradation for every stage "
                 "(data.degradation) or remove model.init_args.degradation"
             )
+
+    # ------------------------------------------------------------------------------- margin head
+
+    def setup_margin_head(self, stage: str) -> None:
+        """Build ``self.margin_head`` once the number of identities is known (hparams or data module).
+
+        Uses the hyper-parameters ``margin``, ``margin_scale``, ``margin_value``, ``embedding_size`` and
+        ``num_classes``; the count found in the data is stored so a checkpoint rebuilds the same head.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        configured = self.hparams.get("num_classes")
+        if configured is None:
+            if datamodule is None:
+                raise ConfigurationError(
+                    "model.init_args.num_classes is not set and there is no data module to count identities"
+                )
+            configured = datamodule.num_classes
+        elif datamodule is not None and stage == "fit" and datamodule.num_classes != configured:
+            raise ConfigurationError(
+                f"model.init_args.num_classes={configured} but the training data has {datamodule.num_classes} "
+                "identities; remove num_classes to take it from the data"
+            )
+        if getattr(self, "margin_head", None) is None:
+            self.margin_head = build_margin_head(
+                self.hparams.margin, self.hparams.embedding_size, configured,
+                self.hparams.margin_scale, self.hparams.margin_value,
+            )
+        self.hparams["num_classes"] = configured
 
     # ---------------------------------------------------------------------------------- validation
 
@@ -143,6 +186,15 @@ class FaceStage(L.LightningModule):
         self._log_verification("test")
 
     def _log_verification(self, split: str) -> None:
+        limit = self.trainer.limit_val_batches if split == "val" else self.trainer.limit_test_batches
+        # The sanity check and limit_*_batches see only part of the pairs' images, so no accuracy exists.
+        if self.trainer.sanity_checking or limit not in (1, 1.0, None):
+            if not self.trainer.sanity_checking and not getattr(self, "_warned_partial", False):
+                logger.warning("limit_%s_batches=%s covers part of the evaluation images; verification is skipped", split, limit)
+                self._warned_partial = True
+            for metric in self.verification_metrics:
+                metric.reset()
+            return
         results = {}
         for name, metric in zip(self.eval_names, self.verification_metrics):
             if not metric.update_called:

@@ -1,0 +1,252 @@
+"""What a pretrained face recognizer expects as input and returns, and the checks against its file.
+
+Inside lvlrfr images are RGB ``(B, 3, H, W)`` in [-1, 1]. A ``RecognizerSpec`` states how one
+recognizer differs from that (colour order, layout, normalisation, input size) and what it returns
+(embedding size). Loaders read what they can from the model file and raise ``TeacherSpecError``
+when the spec disagrees. An ONNX graph fixes input layout, input size and embedding size. An
+iResNet state dict fixes architecture, input size and embedding size. Colour order, mean and std
+are not stored in these files, so they come from the spec alone and must match the model's
+documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+COLOUR_ORDERS = ("RGB", "BGR")
+LAYOUTS = ("NCHW", "NHWC")
+FLIP_FUSIONS = ("sum", "concat", "none")
+UNREADABLE_FIELDS = ("colour_order", "mean", "std")
+"""Spec fields that no model file stores; a wrong value goes unnoticed by the loaders."""
+
+
+@dataclass
+class RecognizerSpec:
+    """Input convention and output size of a face recognizer.
+
+    Attributes:
+        architecture: network name: ``"iresnet18"`` ... ``"iresnet200"`` or ``"mobilefacenet"`` for
+            state dicts, a ``build_student`` architecture for checkpoints of this project, and any
+            descriptive name (``"onnx"``) for ONNX files, whose graph defines the network.
+        input_size: side of the square input in pixels; images of another size are resized to it.
+        colour_order: channel order the network expects, ``"RGB"`` or ``"BGR"``.
+        layout: tensor layout the network expects, ``"NCHW"`` or ``"NHWC"``.
+        mean: subtracted from pixel values in [0, 255].
+        std: divisor applied after subtracting ``mean``.
+        embedding_size: size of the network's output embedding.
+        flip_fusion: how the embeddings of the image and its horizontal flip are combined:
+            ``"sum"``, ``"concat"`` (output size doubles) or ``"none"`` (image only).
+        model_kwargs: extra constructor arguments of the architecture (e.g. ``{"width": 0.5}``),
+            used only when a network is built from a state dict.
+    """
+
+    architecture: str = "onnx"
+    input_size: int = 112
+    colour_order: str = "RGB"
+    layout: str = "NCHW"
+    mean: float = 127.5
+    std: float = 127.5
+    embedding_size: int = 512
+    flip_fusion: str = "none"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choices = {"colour_order": COLOUR_ORDERS, "layout": LAYOUTS, "flip_fusion": FLIP_FUSIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RecognizerSpec.{name} is {getattr(self, name)!r}; choose one of {allowed}")
+        for name in ("input_size", "embedding_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"RecognizerSpec.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.std <= 0:
+            raise ValueError(f"RecognizerSpec.std must be positive, got {self.std!r}")
+
+    @property
+    def output_size(self) -> int:
+        """Size of the teacher's output: ``embedding_size``, doubled by ``flip_fusion="concat"``."""
+        return self.embedding_size * (2 if self.flip_fusion == "concat" else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SPEC_PRESETS: dict[str, RecognizerSpec] = {
+    # MobileFaceNet ArcFace model converted from TFLite: channels-last input, 192-d output.
+    "mobilefacenet_arcface": RecognizerSpec("mobilefacenet", 112, "RGB", "NHWC", 127.5, 128.0, 192),
+    # faceplugin-face-recognition-js fr_feature.onnx, documented as RGB input.
+    # NOTE: the documented colour order may be wrong. On the first 1,200 LFW View-2 pairs
+    # (onnxruntime on CPU), BGR input gave a higher best-threshold accuracy (98.9% against 98.5%)
+    # and same-pair cosine (0.66 against 0.62). A 10-fold LFW evaluation should decide.
+    "faceplugin": RecognizerSpec("mobilefacenet", 112, "RGB", "NCHW", 127.0, 128.0, 512),
+    # insightface model zoo recognizers; insightface's ArcFaceONNX feeds them RGB (p - 127.5) / 127.5.
+    "w600k_r50": RecognizerSpec("iresnet50", 112, "RGB", "NCHW", 127.5, 127.5, 512),
+    "w600k_mbf": RecognizerSpec("mobilefacenet", 112, "RGB", "NCHW", 127.5, 127.5, 512),
+    "glintr100": RecognizerSpec("iresnet100", 112, "RGB", "NCHW", 127.5, 127.5, 512),
+    # arcface_torch trains on RGB images normalised with mean 0.5, std 0.5 after dividing by 255.
+    "arcface_torch_r50": RecognizerSpec("iresnet50", 112, "RGB", "NCHW", 127.5, 127.5, 512),
+    "arcface_torch_r100": RecognizerSpec("iresnet100", 112, "RGB", "NCHW", 127.5, 127.5, 512),
+}
+"""Specs of known recognizers, selectable by name in configs (``spec: mobilefacenet_arcface``)."""
+
+PRESETS_BY_FILE_NAME: dict[str, str] = {
+    "mobilefacenet_arcface.onnx": "mobilefacenet_arcface",
+    "fr_feature.onnx": "faceplugin",
+    "w600k_r50.onnx": "w600k_r50",
+    "w600k_mbf.onnx": "w600k_mbf",
+    "glintr100.onnx": "glintr100",
+}
+"""Preset used when a known model file is loaded without a spec."""
+
+
+def preset_for_file(path: str | Path) -> str | None:
+    """Return the preset name registered for the file name of ``path``, or None."""
+    return PRESETS_BY_FILE_NAME.get(Path(path).name)
+
+
+def resolve_spec(spec: RecognizerSpec | Mapping[str, Any] | str | None, source: str | Path) -> RecognizerSpec | None:
+    """Turn a spec given as an object, a preset name or a mapping into a ``RecognizerSpec``.
+
+    A mapping may name a ``preset`` and override some of its fields
+    (``{"preset": "mobilefacenet_arcface", "flip_fusion": "sum"}``). Without a spec, the preset
+    registered for the file name of ``source`` is used; None is returned when there is none.
+    """
+    if isinstance(spec, RecognizerSpec):
+        return spec
+    if spec is None:
+        preset = preset_for_file(source)
+        return None if preset is None else dataclasses.replace(SPEC_PRESETS[preset])
+    if isinstance(spec, str):
+        return dataclasses.replace(_preset(spec))
+    if isinstance(spec, Mapping):
+        fields = dict(spec)
+        preset = fields.pop("preset", None)
+        known = {f.name for f in dataclasses.fields(RecognizerSpec)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"teacher spec has unknown fields {unknown}; valid fields are {sorted(known)}")
+        base = RecognizerSpec() if preset is None else _preset(preset)
+        return dataclasses.replace(base, **fields)
+    raise TypeError(f"teacher spec must be a RecognizerSpec, a preset name or a mapping, got {type(spec).__name__}")
+
+
+def _preset(name: str) -> RecognizerSpec:
+    if name not in SPEC_PRESETS:
+        raise ValueError(f"unknown teacher spec preset {name!r}; choose one of {', '.join(SPEC_PRESETS)}")
+    return SPEC_PRESETS[name]
+
+
+class TeacherSpecError(ValueError):
+    """A recognizer's file disagrees with its spec.
+
+    Attributes:
+        source: the model file or name.
+        mismatches: ``{field: (value in the spec, value found in the file)}``.
+        details: extra lines, e.g. missing and unexpected state-dict keys.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        mismatches: Mapping[str, tuple[Any, Any]],
+        details: list[str] | None = None,
+    ):
+        self.source = str(source)
+        self.mismatches = dict(mismatches)
+        self.details = list(details or [])
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        lines = [f"The teacher spec does not match the recognizer in {self.source}:"]
+        if self.mismatches:
+            rows = [("field", "spec (expected)", "file (found)")]
+            rows += [(name, str(expected), str(found)) for name, (expected, found) in self.mismatches.items()]
+            widths = [max(len(row[i]) for row in rows) for i in range(3)]
+            lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+            fixes = ", ".join(f"{name}: {found}" for name, (_, found) in self.mismatches.items())
+            lines.append(f"Fix: set {fixes} in the teacher spec, or load the file that the spec describes.")
+            preset = preset_for_file(self.source)
+            if preset is not None:
+                lines.append(f"The preset {preset!r} describes {Path(self.source).name}; `spec: {preset}` selects it.")
+        lines += self.details
+        lines.append(
+            f"{', '.join(UNREADABLE_FIELDS)} cannot be read from a model file; "
+            "check them against the model's documentation."
+        )
+        return "\n".join(lines)
+
+
+def check_spec(spec: RecognizerSpec, found: Mapping[str, Any], source: str | Path, details: list[str] | None = None):
+    """Raise ``TeacherSpecError`` for each field of ``found`` that differs from ``spec``.
+
+    ``found`` contains the values read from the file (``None`` for a value the file does not fix).
+    """
+    mismatches = {}
+    for name, value in found.items():
+        if value is not None and getattr(spec, name) != value:
+            mismatches[name] = (getattr(spec, name), value)
+    if mismatches or details:
+        raise TeacherSpecError(source, mismatches, details)
+
+
+def onnx_spec_fields(model: Any) -> dict[str, Any]:
+    """Read layout, input size and embedding size from the first input and output of an ONNX graph.
+
+    Args:
+        model: an ``onnx.ModelProto``.
+
+    Returns:
+        ``{"layout", "input_size", "embedding_size"}``. A value is None when the graph leaves it
+        open (a symbolic dimension) or ambiguous; ``input_size`` is ``"HxW"`` for a non-square input.
+    """
+    input_dims = _static_dims(model.graph.input[0])
+    output_dims = _static_dims(model.graph.output[0])
+    fields: dict[str, Any] = {"layout": None, "input_size": None, "embedding_size": None}
+    if len(input_dims) == 4:
+        channels_first = input_dims[1] == 3 and input_dims[3] != 3
+        channels_last = input_dims[3] == 3 and input_dims[1] != 3
+        spatial = None
+        if channels_first:
+            fields["layout"], spatial = "NCHW", input_dims[2:4]
+        elif channels_last:
+            fields["layout"], spatial = "NHWC", input_dims[1:3]
+        if spatial is not None and None not in spatial:
+            height, width = spatial
+            fields["input_size"] = height if height == width else f"{height}x{width}"
+    feature_dims = output_dims[1:]
+    if feature_dims and None not in feature_dims:
+        # (N, E) or (N, E, 1, 1): the embedding size is the product of the non-batch dimensions.
+        size = 1
+        for dim in feature_dims:
+            size *= dim
+        fields["embedding_size"] = size
+    return fields
+
+
+def _static_dims(value_info: Any) -> list[int | None]:
+    """Return the dimensions of an ONNX graph input or output, with None for symbolic ones."""
+    dims = value_info.type.tensor_type.shape.dim
+    return [dim.dim_value if dim.HasField("dim_value") else None for dim in dims]
+
+
+def state_dict_differences(expected: Mapping[str, Any], found: Mapping[str, Any], limit: int = 5) -> list[str]:
+    """List missing keys, unexpected keys and shape differences between two state dicts.
+
+    Each list shows at most ``limit`` keys. Returns an empty list when keys and shapes agree.
+    """
+    lines = []
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [
+        f"{key}: spec {tuple(expected[key].shape)}, file {tuple(found[key].shape)}"
+        for key in expected
+        if key in found and tuple(expected[key].shape) != tuple(found[key].shape)
+    ]
+    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape differences", reshaped)):
+        if keys:
+            listed = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+            lines.append(f"{len(keys)} {title}: {listed}")
+    return lines
