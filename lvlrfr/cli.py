@@ -15,11 +15,11 @@ import os
 import sys
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lvlrfr.data.datamodule import LowResFaceDataModule
 from lvlrfr.utils.checkpoint import AtomicCheckpointIO, FinalCheckpoint
-from lvlrfr.utils.errors import USER_ERRORS, exit_with_error
+from lvlrfr.utils.errors import USER_ERRORS, condense_parser_message, exit_with_error
 
 logger = logging.getLogger("lvlrfr")
 
@@ -43,6 +43,18 @@ def configure_environment() -> None:
     )
 
 
+class LvlrfrArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with short errors: the problem and the key, without the full usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("LVLRFR_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"lvlrfr: error: {condense_parser_message(message)}", file=sys.stderr)
+        print(f"lvlrfr: run '{parser.prog.replace(' [options]', '')} --help' to list the accepted options", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class LvlrfrCLI(LightningCLI):
     """LightningCLI for the stages: any stage class as ``model``, always ``LowResFaceDataModule`` as ``data``."""
 
@@ -54,6 +66,7 @@ class LvlrfrCLI(LightningCLI):
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "lvlrfr"},
+            parser_class=LvlrfrArgumentParser,
             args=args,
             run=run,
         )

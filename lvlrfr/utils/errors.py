@@ -1,9 +1,10 @@
-"""Errors caused by the user's configuration or files, reported as one line instead of a traceback."""
+"""Errors caused by the user's configuration or files, reported as one message instead of a traceback."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -15,18 +16,37 @@ class ConfigurationError(ValueError):
 #: Exceptions whose message alone tells the user what to fix. Set LVLRFR_DEBUG=1 to see the traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, ValueError, ImportError)
 
+# Lines of jsonargparse's union-type reports that repeat the config instead of naming the problem.
+_NOISE = re.compile(
+    r"^\s*(-\s*)?(Expected a <class 'NoneType'>|Given value( type)?:|Subtypes:|Errors:|"
+    r"Does not validate against any of the Union subtypes|Parser key \"model\":)"
+)
+
+
+def condense_parser_message(message: str) -> str:
+    """Drop jsonargparse's union-type boilerplate and keep the lines that name the key and the problem."""
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip() and not _NOISE.match(line)]
+    return "; ".join(lines) if lines else message
+
+
+def innermost_user_error(error: BaseException) -> BaseException:
+    """Return the deepest exception in the cause chain that is a user error (jsonargparse wraps them)."""
+    found = error
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, USER_ERRORS):
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
+
 
 def exit_with_error(error: BaseException) -> NoReturn:
     """Print ``lvlrfr: error: <message>`` on stderr and exit with status 2 (traceback with LVLRFR_DEBUG=1)."""
     if os.environ.get("LVLRFR_DEBUG"):
         raise error
     logging.getLogger("lvlrfr").debug("Stopping on a user error", exc_info=error)
-    message = str(error)
-    cause = error.__cause__ or error.__context__
-    # jsonargparse wraps errors raised while instantiating classes; show the original message.
-    while cause is not None and type(error).__name__ in ("ArgumentError",) and str(cause) and str(cause) not in message:
-        message = f"{message}: {cause}"
-        cause = cause.__cause__
-    print(f"lvlrfr: error: {message}", file=sys.stderr)
+    print(f"lvlrfr: error: {innermost_user_error(error)}", file=sys.stderr)
     print("lvlrfr: set LVLRFR_DEBUG=1 to see the traceback", file=sys.stderr)
     raise SystemExit(2)
