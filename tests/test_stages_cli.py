@@ -43,7 +43,8 @@ def chain(lfw_root, shared_models, tmp_path_factory) -> dict[str, Path]:
     """Run stage 0a, 1 and 2 for two optimizer steps each and return their final checkpoints."""
     runs = tmp_path_factory.mktemp("runs")
     fit("sr_teacher.yaml", lfw_root, runs / "sr", "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
-        "--model.init_args.sample_steps", "2", "--model.init_args.sample_grid_size", "2")
+        "--trainer.limit_val_batches", "0.2", "--model.init_args.sample_steps", "2",
+        "--model.init_args.sample_grid_size", "2")
     sr = runs / "sr" / "checkpoints" / "final.ckpt"
     fit("generative.yaml", lfw_root, runs / "generative", "--trainer.max_steps", "2", "--trainer.max_epochs", "1",
         "--model.init_args.sr_teacher_checkpoint", str(sr))

@@ -185,12 +185,20 @@ class FaceStage(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_verification("test")
 
+    def _covers_all_images(self, split: str) -> bool:
+        """Return whether this loop visits every batch of its dataloaders (no sanity check, limit or fast_dev_run)."""
+        if self.trainer.sanity_checking or self.trainer.fast_dev_run:
+            return False
+        loaders = self.trainer.val_dataloaders if split == "val" else self.trainer.test_dataloaders
+        counts = self.trainer.num_val_batches if split == "val" else self.trainer.num_test_batches
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        return all(count >= len(loader) for count, loader in zip(counts, loaders))
+
     def _log_verification(self, split: str) -> None:
-        limit = self.trainer.limit_val_batches if split == "val" else self.trainer.limit_test_batches
-        # The sanity check and limit_*_batches see only part of the pairs' images, so no accuracy exists.
-        if self.trainer.sanity_checking or limit not in (1, 1.0, None):
+        # A partial pass sees only some of the pairs' images, so no accuracy can be computed.
+        if not self._covers_all_images(split):
             if not self.trainer.sanity_checking and not getattr(self, "_warned_partial", False):
-                logger.warning("limit_%s_batches=%s covers part of the evaluation images; verification is skipped", split, limit)
+                logger.warning("The %s loop covers part of the evaluation images; verification is skipped", split)
                 self._warned_partial = True
             for metric in self.verification_metrics:
                 metric.reset()
