@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lvlrfr.data.datamodule import LowResFaceDataModule
 from lvlrfr.utils.checkpoint import AtomicCheckpointIO, FinalCheckpoint
-from lvlrfr.utils.errors import USER_ERRORS, condense_parser_message, exit_with_error
+from lvlrfr.utils.errors import USER_ERRORS, exit_with_error, make_concise
 
 logger = logging.getLogger("lvlrfr")
 
@@ -43,16 +43,8 @@ def configure_environment() -> None:
     )
 
 
-class LvlrfrArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser with short errors: the problem and the key, without the full usage text."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or os.environ.get("LVLRFR_DEBUG"):
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        print(f"lvlrfr: error: {condense_parser_message(message)}", file=sys.stderr)
-        print(f"lvlrfr: run '{parser.prog.replace(' [options]', '')} --help' to list the accepted options", file=sys.stderr)
-        raise SystemExit(2)
+#: LightningCLI's parser with short errors: the problem and the key, without the full usage text.
+LvlrfrArgumentParser = make_concise(LightningArgumentParser)
 
 
 class LvlrfrCLI(LightningCLI):

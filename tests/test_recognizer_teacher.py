@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from lvlrfr.models import Student, build_student, iresnet
-from lvlrfr.teachers import RecognizerSpec, RecognizerTeacher, TeacherSpecError, load_recognizer
+from lvlrfr.teachers import SPEC_PRESETS, RecognizerSpec, RecognizerTeacher, TeacherSpecError, load_recognizer
 from lvlrfr.teachers.spec import resolve_spec
 from lvlrfr.teachers.zoo import ZooModelNotFoundError
 
@@ -377,3 +377,88 @@ def test_zoo_name_found_on_disk(tmp_path, shared_models):
 def test_missing_source_lists_forms(tmp_path):
     with pytest.raises(FileNotFoundError, match="buffalo_l"):
         load_recognizer(tmp_path / "absent.onnx")
+
+
+ARCFACE_TORCH_CONFIG = f"""
+recognizer_spec:
+  architecture: iresnet18
+  input_size: {TINY_SIZE}
+  colour_order: RGB
+  layout: NCHW
+  mean: 127.5
+  std: 127.5
+  embedding_size: {TINY_EMBEDDING}
+"""
+
+
+@pytest.fixture(scope="module")
+def arcface_torch_onnx(tiny_iresnet, tmp_path_factory) -> Path:
+    """Export the tiny iResNet as arcface_torch's torch2onnx.py does.
+
+    That script uses the TorchScript exporter at opset 11, names the input ``data`` and renames the batch
+    dimension to the symbol ``None``.
+    """
+    import onnx
+
+    path = tmp_path_factory.mktemp("arcface_torch") / "model.onnx"
+    example = torch.rand(1, 3, TINY_SIZE, TINY_SIZE) * 2 - 1
+    torch.onnx.export(
+        tiny_iresnet, example, str(path), input_names=["data"], keep_initializers_as_inputs=False, opset_version=11,
+        dynamo=False,
+    )
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "None"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_arcface_torch_onnx_from_config(tiny_iresnet, arcface_torch_onnx, images, backend):
+    import yaml
+
+    spec = yaml.safe_load(ARCFACE_TORCH_CONFIG)["recognizer_spec"]
+    teacher = load_recognizer(str(arcface_torch_onnx), spec, backend=backend)
+
+    with torch.no_grad():
+        expected = tiny_iresnet(images)
+        embeddings = teacher(images)
+
+    assert embeddings.shape == (4, TINY_EMBEDDING)
+    assert F.cosine_similarity(embeddings, expected).min() > 0.999
+
+
+def test_known_file_bgr_spec_rejected(shared_models):
+    spec = SPEC_PRESETS["mobilefacenet_arcface"].to_dict() | {"colour_order": "BGR"}
+
+    with pytest.raises(TeacherSpecError) as caught:
+        load_recognizer(shared_models / REAL_MODELS["mobilefacenet_arcface"][0], spec)
+
+    assert caught.value.mismatches == {"colour_order": ("BGR", "RGB")}
+    assert "colour_order" in str(caught.value)
+    assert "{preset: mobilefacenet_arcface, colour_order: ...}" in str(caught.value)
+
+
+def test_known_file_other_preset_rejected(shared_models):
+    with pytest.raises(TeacherSpecError) as caught:
+        load_recognizer(shared_models / REAL_MODELS["faceplugin"][0], "w600k_mbf", backend="onnxruntime")
+
+    assert caught.value.mismatches == {"colour_order": ("RGB", "BGR"), "mean": (127.5, 127.0), "std": (127.5, 128.0)}
+
+
+def test_known_file_explicit_override(shared_models, caplog):
+    path = shared_models / REAL_MODELS["faceplugin"][0]
+
+    with caplog.at_level("WARNING", logger="lvlrfr.teachers.spec"):
+        teacher = load_recognizer(path, {"preset": "faceplugin", "colour_order": "RGB"}, backend="onnxruntime")
+
+    assert teacher.spec.colour_order == "RGB"
+    assert "colour_order='RGB' overrides 'BGR'" in caplog.text
+
+
+def test_renamed_known_file_preset(tmp_path, shared_models):
+    renamed = tmp_path / "teacher.onnx"
+    renamed.symlink_to(shared_models / REAL_MODELS["mobilefacenet_arcface"][0])
+
+    teacher = load_recognizer(renamed, backend="onnxruntime")
+
+    assert teacher.spec == SPEC_PRESETS["mobilefacenet_arcface"]

@@ -67,6 +67,20 @@ def decode_rgb(data: bytes, name: str) -> np.ndarray:
         raise ImageReadError(name, f"{type(error).__name__}: {error}") from error
 
 
+def encode_rgb(image: np.ndarray, image_format: str = "png", quality: int = 95) -> bytes:
+    """Encode a ``uint8 (H, W, 3)`` RGB array as PNG (lossless) or JPEG (at ``quality``, 1-100).
+
+    PIL writes no timestamp into either format, so the same array and options give the same bytes.
+    """
+    import io
+
+    image_format = "JPEG" if image_format.lower() in ("jpg", "jpeg") else image_format.upper()
+    buffer = io.BytesIO()
+    options = {"quality": quality} if image_format == "JPEG" else {}
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """Convert a ``uint8 (H, W, 3)`` RGB array to a ``float32 (3, H, W)`` tensor in [-1, 1]."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

@@ -14,6 +14,7 @@ from lvlrfr.losses.relational import RelationalContrastiveLoss
 from lvlrfr.models.student import StudentBackbone, StudentHead
 from lvlrfr.stages.base import FaceStage, describe_difference
 from lvlrfr.stages.optim import adamw_with_cosine
+from lvlrfr.teachers.cache_entries import open_recognizer_cache
 from lvlrfr.teachers.recognizer import load_recognizer
 from lvlrfr.utils.errors import ConfigurationError
 
@@ -73,6 +74,9 @@ class DiscriminativeDistillation(FaceStage):
         warmup_fraction: share of the optimizer steps spent warming up linearly.
         num_classes: training identities; filled from the data module when None.
         degradation: filled from the data module and stored in the checkpoint; leave unset.
+        teacher_cache: folder of the teacher cache (:mod:`lvlrfr.teachers.cache`); when set, the
+            recognizer's embeddings of every training image and its flip are computed once at the start
+            of ``fit`` and read back in ``training_step``.
     """
 
     def __init__(
@@ -98,9 +102,11 @@ class DiscriminativeDistillation(FaceStage):
         warmup_fraction: float = 0.05,
         num_classes: int | None = None,
         degradation: dict[str, Any] | None = None,
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self._teacher_cache = None
         student_state = read_stage_checkpoint(student_checkpoint, "generative distillation (stage 1)")
         backbone_config = student_state["hyper_parameters"]["backbone"]
         self.hparams["backbone"] = backbone_config
@@ -140,6 +146,8 @@ class DiscriminativeDistillation(FaceStage):
                     f"{data_spec} ({describe_difference(student_spec, data_spec)}); use the same data.degradation"
                 )
         self.setup_margin_head(stage)
+        if stage == "fit" and self.hparams.teacher_cache and self._teacher_cache is None:
+            self._teacher_cache = open_recognizer_cache(self.hparams.teacher_cache, self.recognizer, self.trainer)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Return the student embedding ``(B, embedding_size)`` of ``(B, 3, S, S)`` VLR faces."""
@@ -148,7 +156,10 @@ class DiscriminativeDistillation(FaceStage):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             features = self.backbone(batch["vlr"])[-1]
-            teacher = self.recognizer(batch["hr"]).float()
+            if self._teacher_cache is not None:
+                teacher = self._teacher_cache.read(batch)["embedding"]
+            else:
+                teacher = self.recognizer(batch["hr"]).float()
         student = self.head(features)
 
         loss_cls = F.cross_entropy(self.margin_head(student, batch["label"]), batch["label"])

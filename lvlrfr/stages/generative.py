@@ -8,10 +8,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lvlrfr.losses.distillation import FeatureRegressionLoss
+from lvlrfr.losses.distillation import FeatureRegressionLoss, pair_taps_by_stride
 from lvlrfr.models.student import StudentBackbone
 from lvlrfr.stages.base import FaceStage
 from lvlrfr.stages.optim import adamw_with_cosine
+from lvlrfr.teachers.cache_entries import open_tap_cache
 from lvlrfr.teachers.diffusion import DiffusionSRTeacher
 from lvlrfr.utils.errors import ConfigurationError
 
@@ -43,6 +44,11 @@ class GenerativeDistillation(FaceStage):
         weight_decay: AdamW weight decay.
         warmup_fraction: share of the optimizer steps spent warming up linearly.
         degradation: filled from the data module and stored in the checkpoint; leave unset.
+        pairing: ``{tap name: student stage index}``; by default taps go to the stage of the closest stride
+            and the ``mid`` tap to the last stage, so every stage is trained.
+        teacher_cache: folder of the teacher cache (:mod:`lvlrfr.teachers.cache`); when set, the taps of
+            every training image and its flip are computed once at the start of ``fit`` (float16 on disk)
+            and read back in ``training_step``. Validation still runs the teacher.
     """
 
     def __init__(
@@ -58,9 +64,12 @@ class GenerativeDistillation(FaceStage):
         weight_decay: float = 5e-4,
         warmup_fraction: float = 0.05,
         degradation: dict[str, Any] | None = None,
+        teacher_cache: str | None = None,
+        pairing: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self._teacher_cache = None
         self.backbone = StudentBackbone(arch, input_size, depths=depths, widths=widths, width=width, out_indices=out_indices)
         self.hparams["backbone"] = {
             "arch": arch, "input_size": input_size, "depths": depths, "widths": widths,
@@ -71,8 +80,7 @@ class GenerativeDistillation(FaceStage):
         self.regression = FeatureRegressionLoss(
             self.backbone.feature_channels,
             self.sr_teacher.tap_shapes(),
-            student_strides=[input_size / shape[1] for shape in self.backbone.feature_shapes],
-            teacher_input_size=self.sr_teacher.sample_size,
+            pairing=pairing or default_pairing(self.backbone.feature_shapes, self.sr_teacher, input_size),
         )
 
     def _teacher_names(self) -> list[str]:
@@ -86,6 +94,8 @@ class GenerativeDistillation(FaceStage):
                 f"model.init_args.input_size={self.hparams.input_size} but data.degradation.input_size={expected}; "
                 "set both to the same model input size"
             )
+        if stage == "fit" and self.hparams.teacher_cache and self._teacher_cache is None:
+            self._teacher_cache = open_tap_cache(self.hparams.teacher_cache, self.sr_teacher, self.teacher_taps, self.trainer)
 
     def teacher_taps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return the frozen teacher's encoder taps for a batch; the noise key of an image is (index, flip)."""
@@ -94,7 +104,8 @@ class GenerativeDistillation(FaceStage):
             return self.sr_teacher.encode(batch["vlr"], batch["hr"], keys=keys)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, per_tap = self.regression(self.backbone(batch["vlr"]), self.teacher_taps(batch))
+        taps = self._teacher_cache.read(batch) if self._teacher_cache is not None else self.teacher_taps(batch)
+        loss, per_tap = self.regression(self.backbone(batch["vlr"]), taps)
         batch_size = len(batch["vlr"])
         self.log("train/loss_gen", loss, prog_bar=True, batch_size=batch_size)
         for name, value in per_tap.items():
@@ -120,6 +131,18 @@ class GenerativeDistillation(FaceStage):
             total_steps=total,
             warmup_steps=int(self.hparams.warmup_fraction * total),
         )
+
+
+def default_pairing(student_shapes: list[tuple[int, int, int]], teacher: DiffusionSRTeacher, input_size: int) -> dict[str, int]:
+    """Pair each teacher tap with the student stage of the closest stride, and the middle block with the last stage.
+
+    Stride matching alone can leave the deepest student stage without a target (a 32-pixel UNet's deepest
+    tap has stride 4, a three-stage student's last map stride 8), and that stage would then stay at its
+    random initialisation when stage 2 freezes the backbone.
+    """
+    pairing = pair_taps_by_stride([input_size / shape[1] for shape in student_shapes], teacher.tap_shapes(), teacher.sample_size)
+    pairing["mid"] = len(student_shapes) - 1
+    return pairing
 
 
 def load_sr_teacher(source: str) -> DiffusionSRTeacher:

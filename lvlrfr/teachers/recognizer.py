@@ -25,8 +25,10 @@ from lvlrfr.teachers.onnx_network import BACKENDS, build_onnx_network
 from lvlrfr.teachers.spec import (
     RecognizerSpec,
     TeacherSpecError,
+    check_recorded_fields,
     check_spec,
     onnx_spec_fields,
+    preset_for_content,
     resolve_spec,
     state_dict_differences,
 )
@@ -128,7 +130,8 @@ def load_recognizer(
             (``.pth``/``.pt``) or a Lightning checkpoint (``.ckpt``) of this project.
         spec: a ``RecognizerSpec``, a preset name (``"mobilefacenet_arcface"``), a mapping of spec
             fields (optionally with ``preset``), or None to use the preset registered for the file
-            name (ONNX), the arcface_torch convention (``.pth``) or the checkpoint's hyper-parameters.
+            name or content (ONNX), the arcface_torch convention (``.pth``) or the checkpoint's
+            hyper-parameters.
         backend: for ONNX, ``"torch"`` (converted by onnx2torch to a torch module that moves to
             the GPU and runs under AMP; ``"onnx2torch"`` is an alias), ``"onnxruntime"`` (CPU,
             numpy) or ``"auto"`` (torch, falling back to onnxruntime when the conversion fails).
@@ -139,7 +142,8 @@ def load_recognizer(
         download_timeout_s: seconds without download progress before giving up.
 
     Raises:
-        TeacherSpecError: the file disagrees with the spec; the message lists each field.
+        TeacherSpecError: the file disagrees with the spec, or the spec contradicts the colour order,
+            mean or std recorded for a known ONNX file (``PRESETS_BY_SHA256``). The message lists each field.
         FileNotFoundError: ``source`` is neither a file nor an available model-zoo name
             (``ZooModelNotFoundError``, a subclass, names the path at which to place a zoo model).
     """
@@ -176,6 +180,9 @@ def load_onnx_recognizer(
     model = onnx.load(str(path))
     found = onnx_spec_fields(model)
     resolved = resolve_spec(spec, path)
+    if resolved is None and preset_for_content(path) is not None:
+        # A known model file under another name: its recorded preset applies.
+        resolved = resolve_spec(preset_for_content(path), path)
     if resolved is None:
         raise TeacherSpecError(
             path,
@@ -187,6 +194,8 @@ def load_onnx_recognizer(
             ],
         )
     check_spec(resolved, found, path)
+    if spec is not None:
+        check_recorded_fields(spec, resolved, path)
 
     network = build_onnx_network(model, path, backend)
     teacher = RecognizerTeacher(network, resolved, path)

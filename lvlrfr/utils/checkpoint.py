@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lvlrfr.utils.run_info import make_readable_by_all
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,6 +31,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        make_readable_by_all(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -26,7 +26,9 @@ _NOISE = re.compile(
 def condense_parser_message(message: str) -> str:
     """Drop jsonargparse's union-type boilerplate and keep the lines that name the key and the problem."""
     lines = [line.strip(" -") for line in message.splitlines() if line.strip() and not _NOISE.match(line)]
-    return "; ".join(lines) if lines else message
+    if not lines:
+        return message
+    return "; ".join(lines).replace(":; ", ": ")
 
 
 def innermost_user_error(error: BaseException) -> BaseException:
@@ -50,3 +52,23 @@ def exit_with_error(error: BaseException) -> NoReturn:
     print(f"lvlrfr: error: {innermost_user_error(error)}", file=sys.stderr)
     print("lvlrfr: set LVLRFR_DEBUG=1 to see the traceback", file=sys.stderr)
     raise SystemExit(2)
+
+
+def concise_parser_error(parser, message: str) -> NoReturn:
+    """Print a jsonargparse parse error as two lines (the problem, then where to find the options) and exit 2."""
+    print(f"lvlrfr: error: {condense_parser_message(message)}", file=sys.stderr)
+    print(f"lvlrfr: run '{parser.prog.replace(' [options]', '')} --help' to list the accepted options", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def make_concise(parser_class: type) -> type:
+    """Return a subclass of a jsonargparse parser class whose parse errors use :func:`concise_parser_error`."""
+
+    class ConciseParser(parser_class):
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error or os.environ.get("LVLRFR_DEBUG"):
+                return super().error(message, ex)
+            concise_parser_error(getattr(ex, "subcommand_parser", None) or self, message)
+
+    ConciseParser.__name__ = ConciseParser.__qualname__ = f"Concise{parser_class.__name__}"
+    return ConciseParser

@@ -45,6 +45,13 @@ def run_info() -> dict[str, Any]:
     }
 
 
+def make_readable_by_all(path: str) -> None:
+    # mkstemp creates files readable by the owner only; results and checkpoints are meant to be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomic(values: Any, path: str | Path) -> Path:
     """Write ``values`` as indented JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)
@@ -53,6 +60,7 @@ def write_json_atomic(values: Any, path: str | Path) -> Path:
     with os.fdopen(handle, "w") as file:
         json.dump(values, file, indent=2, sort_keys=False, default=str)
         file.write("\n")
+    make_readable_by_all(temporary)
     os.replace(temporary, path)
     return path
 
@@ -64,5 +72,6 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(handle, "w") as file:
         file.write(text)
+    make_readable_by_all(temporary)
     os.replace(temporary, path)
     return path

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lvlrfr.data.image import decode_rgb
+from lvlrfr.data.image import decode_rgb, encode_rgb
 from lvlrfr.data.sources.errors import DataFormatError
 from lvlrfr.data.sources.pairs import contiguous_folds
-from lvlrfr.data.sources.recordio import encode_rgb
 
 logger = logging.getLogger(__name__)
 
