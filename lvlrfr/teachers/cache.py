@@ -190,11 +190,11 @@ class TeacherCache:
 
     def rows(self, index: torch.Tensor) -> np.ndarray:
         """Map ``(B,)`` training-source indices to cache rows; raise KeyError for an index not in the cache."""
-        wanted = index.detach().cpu().numpy().astype(np.int64)
-        rows = np.searchsorted(self.indices, wanted)
-        found = (rows < len(self.indices)) & (self.indices[np.minimum(rows, len(self.indices) - 1)] == wanted)
+        requested = index.detach().cpu().numpy().astype(np.int64)
+        rows = np.searchsorted(self.indices, requested)
+        found = (rows < len(self.indices)) & (self.indices[np.minimum(rows, len(self.indices) - 1)] == requested)
         if not found.all():
-            missing = wanted[~found][:5].tolist()
+            missing = requested[~found][:5].tolist()
             raise KeyError(
                 f"training images {missing} are not in the teacher cache {self.folder}, which contains the "
                 f"{len(self.indices)} images the data module used when it was built; delete the folder to rebuild it"
@@ -213,7 +213,9 @@ class TeacherCache:
         rows = self.rows(index)
         device = index.device if device is None else device
         return {
-            name: torch.from_numpy(np.asarray(array[rows, flips], dtype=np.float32)).to(device)
+            # Widening float16 in torch after the copy is faster than numpy's conversion and halves the bytes
+            # sent to a GPU.
+            name: torch.from_numpy(np.asarray(array[rows, flips])).to(device).float()
             for name, array in self.arrays.items()
         }
 
