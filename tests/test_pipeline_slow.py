@@ -101,7 +101,7 @@ def test_report_records_provenance(trained_chain, lfw_root, shared_models, tmp_p
     assert (tmp_path / "report" / "roc_lfw_16px.png").stat().st_size > 0
 
 
-# TODO: this two-process run did not finish within 9 minutes on a 2-core machine; find out whether
+# TODO: this two-process run did not finish within 9 minutes on a 2-core machine. Find out whether
 # the gloo processes wait on each other before enabling it again.
 @pytest.mark.skip(reason="two-process gloo run did not finish within 9 minutes on 2 cores")
 def test_generative_stage_ddp_mixed_precision(trained_chain, lfw_root, tmp_path):

@@ -136,9 +136,9 @@ class GenerativeDistillation(FaceStage):
 def default_pairing(student_shapes: list[tuple[int, int, int]], teacher: DiffusionSRTeacher, input_size: int) -> dict[str, int]:
     """Pair each teacher tap with the student stage of the closest stride, and the middle block with the last stage.
 
-    Stride matching alone can leave the deepest student stage without a target (a 32-pixel UNet's deepest
-    tap has stride 4, a three-stage student's last map stride 8), and that stage would then stay at its
-    random initialisation when stage 2 freezes the backbone.
+    Stride matching alone can leave the deepest student stage without a target. For example, a 32-pixel
+    UNet's deepest tap has stride 4 and a three-stage student's last map stride 8. That stage would then
+    keep its random initialisation when stage 2 freezes the backbone.
     """
     pairing = pair_taps_by_stride([input_size / shape[1] for shape in student_shapes], teacher.tap_shapes(), teacher.sample_size)
     pairing["mid"] = len(student_shapes) - 1
