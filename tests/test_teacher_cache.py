@@ -7,6 +7,7 @@ recognizer, a small diffusers UNet as the SR teacher and the real LowResFaceData
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -18,18 +19,22 @@ import torch.multiprocessing as mp
 
 from lvlrfr.data.datamodule import LowResFaceDataModule, TrainingFaces
 from lvlrfr.data.degradation import Degradation
+from lvlrfr.data.image import to_uint8
 from lvlrfr.models import iresnet
 from lvlrfr.models.student import StudentBackbone
 from lvlrfr.stages import DiscriminativeDistillation, GenerativeDistillation
 from lvlrfr.teachers import RecognizerSpec, RecognizerTeacher
 from lvlrfr.teachers.cache import (
     ArraySpec,
+    OUTPUTS_KEY,
+    CachedTrainingFaces,
     FlipPairFaces,
     TeacherCache,
     building_folder,
     entry_folder,
     fill_shard,
     finish_build,
+    input_arrays,
     open_or_build,
     prepare_build,
 )
@@ -113,8 +118,57 @@ def test_flip_pairs_match_training_faces(train_root, faces):
         item = subset_faces[subset_faces.pairs.index((row, flipped))]
         for name in ("hr", "vlr", "label", "index", "flipped"):
             assert torch.equal(item[name], expected[name]), f"{name} of image {position} flipped={flipped} differs"
+        upsampled = datamodule.degradation.upsample(item["vlr_pixels"].numpy())
+        assert torch.equal(torch.from_numpy(upsampled), torch.from_numpy(to_uint8(expected["vlr"])))
     assert isinstance(training.dataset, TrainingFaces)
     assert seen_flips == {0, 1}
+
+
+def test_cached_training_faces_match_training_faces(tmp_path, train_root):
+    """Same seed, same order: the cached set yields the same flips, VLR faces and labels, and the stored outputs."""
+    datamodule = make_datamodule(train_root, max_train_images=9)
+    faces = FlipPairFaces.from_datamodule(datamodule)
+    cache = build(tmp_path, faces, vlr_signature)
+    cached = cache.training_faces(datamodule.degradation, flip=True)
+    assert isinstance(cached, CachedTrainingFaces)
+
+    torch.manual_seed(5)
+    expected = [datamodule.train_dataset()[position] for position in range(len(cached))]
+    torch.manual_seed(5)
+    served = [cached[position] for position in range(len(cached))]
+
+    assert {bool(item["flipped"]) for item in expected} == {False, True}
+    for position, (item, reference) in enumerate(zip(served, expected)):
+        assert "hr" not in item
+        for name in ("vlr", "label", "index", "flipped"):
+            assert torch.equal(item[name], reference[name]), f"{name} of item {position} differs"
+        batch = torch.utils.data.default_collate([reference])
+        np.testing.assert_array_equal(item[OUTPUTS_KEY]["embedding"].numpy(), vlr_signature(batch)["embedding"][0].numpy())
+
+
+def test_cached_training_faces_pickle_without_arrays(tmp_path, faces):
+    cache = build(tmp_path, faces, vlr_signature)
+    dataset = cache.training_faces(DEGRADATION, flip=False)
+    first = dataset[0]
+    copy = pickle.loads(pickle.dumps(dataset))
+
+    assert dataset._arrays is not None
+    assert copy._arrays is None
+    assert torch.equal(copy[0]["vlr"], first["vlr"])
+    assert not first["flipped"]
+
+
+def test_datamodule_serves_the_cached_set(tmp_path, train_root, faces):
+    datamodule = make_datamodule(train_root, num_workers=1)
+    cache = build(tmp_path, faces, vlr_signature)
+    datamodule.use_training_faces(cache.training_faces(datamodule.degradation, datamodule.flip))
+
+    batch = next(iter(datamodule.train_dataloader()))
+    assert set(batch) == {"vlr", "label", "index", "flipped", OUTPUTS_KEY}
+    assert batch[OUTPUTS_KEY]["embedding"].shape == (datamodule.batch_size, EMBEDDING)
+    torch.testing.assert_close(cache.read(batch)["embedding"], cache.read({k: batch[k] for k in ("index", "flipped")})["embedding"])
+    with pytest.raises(ValueError, match="5 items but the data module uses 12"):
+        datamodule.use_training_faces(torch.utils.data.TensorDataset(torch.zeros(5)))
 
 
 def test_cache_reads_teacher_outputs(tmp_path, train_root, faces):
@@ -147,7 +201,7 @@ def test_cache_layout_on_disk(tmp_path, faces):
 def test_sharded_build_matches_single(tmp_path, faces):
     single = build(tmp_path / "single", faces, vlr_signature)
     folder = entry_folder(tmp_path / "sharded", "recognizer", {"teacher": "tiny"})
-    prepare_build(folder, {"teacher": "tiny"}, ARRAYS, faces.indices)
+    prepare_build(folder, {"teacher": "tiny"}, ARRAYS, faces.indices, input_arrays(DEGRADATION))
 
     written = fill_shard(folder, faces, vlr_signature, rank=0, world_size=2, batch_size=4)
     filled = np.load(building_folder(folder) / "filled.npy")
@@ -278,6 +332,7 @@ class LossRecorder(L.Callback):
         self.method = method
         self.losses: list[float] = []
         self.teacher_calls = 0
+        self.batch_keys: set[str] = set()
 
     def on_train_start(self, trainer, module) -> None:
         teacher = getattr(module, self.teacher_name)
@@ -291,6 +346,7 @@ class LossRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        self.batch_keys |= set(batch)
 
 
 def fit(module_factory, datamodule, teacher: tuple[str, str], tmp_path: Path, max_steps: int = 3, ckpt_path=None):
@@ -320,6 +376,8 @@ def test_generative_stage_cache_same_losses(tmp_path, train_root, sr_teacher_fol
 
     assert plain.teacher_calls == 3
     assert cached.teacher_calls == 0
+    assert "hr" in plain.batch_keys
+    assert "hr" not in cached.batch_keys
     np.testing.assert_allclose(cached.losses, plain.losses, rtol=1e-2)
     taps = module._teacher_cache.arrays
     assert set(taps) == {"down0", "down1", "mid"}
@@ -348,6 +406,8 @@ def test_discriminative_stage_cache_same_losses(tmp_path, train_root):
 
     assert plain.teacher_calls == 3
     assert cached.teacher_calls == 0
+    assert "hr" in plain.batch_keys
+    assert "hr" not in cached.batch_keys
     np.testing.assert_allclose(cached.losses, plain.losses, rtol=1e-4)
 
     checkpoint = tmp_path / "resume.ckpt"

@@ -64,20 +64,38 @@ class TrainingFaces(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.item(index, draw_flip(self.flip))
+
+    def faces(self, index: int, flipped: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        """Return the HR face ``uint8 (hr_size, hr_size, 3)``, its VLR face before up-sampling and the label.
+
+        The degradation key is ``2 * index + flipped``, so each (image, flip) has one fixed VLR face and a
+        cache of teacher outputs per (image, flip) stays valid.
+        """
         image, label = self.source[index]
         hr = resize_face(image, self.hr_size, self.crop_box)
-        flipped = bool(self.flip and torch.rand(()) < 0.5)
         if flipped:
             hr = np.ascontiguousarray(hr[:, ::-1])
-        # The key includes the flip so that a cache of teacher outputs per (image, flip) stays valid.
-        vlr = self.degradation(hr, key=2 * index + int(flipped))
+        return hr, self.degradation.degrade(hr, key=2 * index + int(flipped)), int(label)
+
+    def item(self, index: int, flipped: bool) -> dict[str, torch.Tensor]:
+        """Return the training item of source image ``index``, mirrored when ``flipped``."""
+        hr, vlr, label = self.faces(index, flipped)
         return {
             "hr": to_tensor(hr),
-            "vlr": to_tensor(vlr),
+            "vlr": to_tensor(self.degradation.upsample(vlr)),
             "label": torch.tensor(label, dtype=torch.long),
             "index": torch.tensor(index, dtype=torch.long),
             "flipped": torch.tensor(flipped),
         }
+
+
+def draw_flip(enabled: bool) -> bool:
+    """Draw a horizontal flip with probability 0.5 from torch's generator; False without drawing when disabled.
+
+    Every training dataset draws its flips here, so a run draws the same flips with and without the teacher cache.
+    """
+    return bool(enabled and torch.rand(()) < 0.5)
 
 
 class EvaluationFaces(Dataset):
@@ -162,6 +180,7 @@ class LowResFaceDataModule(L.LightningDataModule):
         self.flip = flip
         self.max_train_images = max_train_images
         self.skip_unreadable = skip_unreadable
+        self._training_faces: Dataset | None = None
         self._check_paths()
 
     @staticmethod
@@ -253,8 +272,27 @@ class LowResFaceDataModule(L.LightningDataModule):
                 len(self.eval_protocol.pairs), self.eval_folds, len(self.eval_protocol), self.eval_sizes,
             )
 
+    def use_training_faces(self, dataset: Dataset | None) -> None:
+        """Serve ``dataset`` as the training set instead of reading and degrading the images; None undoes it.
+
+        The teacher cache passes a dataset that reads the stored VLR faces and teacher outputs. It must
+        have one item per used training image, in the order of :attr:`train_indices`.
+        """
+        if dataset is not None and len(dataset) != len(self.train_indices):
+            raise ValueError(
+                f"the replacement training set has {len(dataset)} items but the data module uses "
+                f"{len(self.train_indices)} training images"
+            )
+        self._training_faces = dataset
+
+    def training_faces(self) -> TrainingFaces:
+        """Return the training images as read from the source, before any subset."""
+        return TrainingFaces(self.train_source, self.hr_size, self.degradation, self.flip, self.crop_box)
+
     def train_dataset(self) -> Dataset:
-        dataset = TrainingFaces(self.train_source, self.hr_size, self.degradation, self.flip, self.crop_box)
+        if self._training_faces is not None:
+            return self._training_faces
+        dataset = self.training_faces()
         if len(self.train_indices) < len(self.train_source):
             return torch.utils.data.Subset(dataset, self.train_indices.tolist())
         return dataset

@@ -5,9 +5,16 @@ the HR face is the source image, mirrored when ``flipped``, and the VLR face is 
 ``2 * index + flipped``. The frozen teachers are deterministic too (the diffusion teacher draws its tap
 noise from the same key), so their outputs can be computed once and read back in every epoch.
 
+A cache entry also stores what the student reads of each item: the VLR face before up-sampling
+(``uint8``) and the label. While a stage trains from the cache, the data module serves
+:class:`CachedTrainingFaces`, which reads those and the teacher outputs instead of decoding, resizing and
+degrading the HR images. It draws the flips exactly as ``TrainingFaces`` does, so a run trains on the
+same batches with and without the cache.
+
 A cache entry is the folder ``<root>/<kind>-<hash of the key>/`` with one ``.npy`` file per output,
-memory-mapped for reading, each of shape ``(N, 2, ...)`` (row, flip), and ``indices.npy`` with the
-``N`` training-source indices of the rows, sorted. The key lists everything that changes the outputs
+memory-mapped for reading, each of shape ``(N, 2, ...)`` (row, flip), the student inputs
+``input_vlr.npy`` and ``input_label.npy`` of the same layout, and ``indices.npy`` with the ``N``
+training-source indices of the rows, sorted. The key lists everything that changes the outputs
 (teacher spec and weights hash, degradation, data manifest, HR size), so a changed setting maps to
 another folder and a stale entry is never read. ``meta.json`` repeats the key and is checked on open.
 
@@ -36,18 +43,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lvlrfr.data.datamodule import resize_face
+from lvlrfr.data.datamodule import TrainingFaces, draw_flip
 from lvlrfr.data.degradation import Degradation
 from lvlrfr.data.image import to_tensor
 from lvlrfr.utils.run_info import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 BUILD_KEY_FILE = "build.json"
 INDICES_FILE = "indices.npy"
 FILLED_FILE = "filled.npy"
+INPUT_PREFIX = "input_"
+OUTPUTS_KEY = "teacher"
+"""Batch key of the teacher outputs that :class:`CachedTrainingFaces` adds to each training item."""
 
 Compute = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Function from a batch ``{hr, vlr, label, index, flipped}`` to ``{array name: (B, *shape)}``."""
@@ -84,42 +94,28 @@ def building_folder(folder: Path) -> Path:
 class FlipPairFaces(Dataset):
     """The training faces of the cache rows, each once unflipped and once mirrored.
 
-    Item ``k`` is ``(row, flipped) = pairs[k]`` and is built exactly as
-    ``lvlrfr.data.datamodule.TrainingFaces`` builds the training item of ``(indices[row], flipped)``:
-    ``{hr (3, hr_size, hr_size), vlr (3, input_size, input_size), label, index, flipped, row}``, images
-    in [-1, 1]. A test compares the two, so a change to ``TrainingFaces`` must be mirrored here.
+    Item ``k`` is ``(row, flipped) = pairs[k]``: the training item of ``(indices[row], flipped)`` as
+    ``TrainingFaces.item`` builds it (``hr``, ``vlr``, ``label``, ``index``, ``flipped``), plus ``row`` and
+    ``vlr_pixels``, the ``uint8 (vlr_size, vlr_size, 3)`` VLR face before up-sampling that the cache stores.
     """
 
-    def __init__(
-        self,
-        source: Any,
-        indices: np.ndarray,
-        hr_size: int,
-        degradation: Degradation,
-        crop_box: tuple[int, int, int, int] | None = None,
-        pairs: list[tuple[int, int]] | None = None,
-    ) -> None:
-        self.source = source
+    def __init__(self, faces: TrainingFaces, indices: np.ndarray, pairs: list[tuple[int, int]] | None = None) -> None:
+        self.faces = faces
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.hr_size = hr_size
-        self.degradation = degradation
-        self.crop_box = crop_box
         self.pairs = pairs if pairs is not None else [(row, flip) for row in range(len(self.indices)) for flip in (0, 1)]
 
     @classmethod
     def from_datamodule(cls, datamodule: Any) -> FlipPairFaces:
-        """Take the training source, the used indices, HR size, degradation and crop of a ``LowResFaceDataModule``."""
-        return cls(
-            datamodule.train_source,
-            datamodule.train_indices,
-            datamodule.hr_size,
-            datamodule.degradation,
-            datamodule.crop_box,
-        )
+        """Take the training images and the used indices of a ``LowResFaceDataModule``."""
+        return cls(datamodule.training_faces(), datamodule.train_indices)
+
+    @property
+    def degradation(self) -> Degradation:
+        return self.faces.degradation
 
     def with_pairs(self, pairs: list[tuple[int, int]]) -> FlipPairFaces:
         """Return the same faces restricted to ``pairs`` of ``(row, flipped)``."""
-        return FlipPairFaces(self.source, self.indices, self.hr_size, self.degradation, self.crop_box, pairs)
+        return FlipPairFaces(self.faces, self.indices, pairs)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -127,18 +123,67 @@ class FlipPairFaces(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         row, flipped = self.pairs[item]
         index = int(self.indices[row])
-        image, label = self.source[index]
-        hr = resize_face(image, self.hr_size, self.crop_box)
-        if flipped:
-            hr = np.ascontiguousarray(hr[:, ::-1])
-        vlr = self.degradation(hr, key=2 * index + int(flipped))
+        hr, vlr, label = self.faces.faces(index, bool(flipped))
         return {
             "hr": to_tensor(hr),
-            "vlr": to_tensor(vlr),
+            "vlr": to_tensor(self.degradation.upsample(vlr)),
+            "vlr_pixels": torch.from_numpy(vlr),
             "label": torch.tensor(label, dtype=torch.long),
             "index": torch.tensor(index, dtype=torch.long),
             "flipped": torch.tensor(bool(flipped)),
             "row": torch.tensor(row, dtype=torch.long),
+        }
+
+
+def input_arrays(degradation: Degradation) -> dict[str, ArraySpec]:
+    """Return the specs of the student inputs stored with every entry: the VLR face before up-sampling and the label."""
+    size = degradation.vlr_size
+    return {"vlr": ArraySpec((size, size, 3), "uint8"), "label": ArraySpec((), "int64")}
+
+
+class CachedTrainingFaces(Dataset):
+    """Training items read from a cache entry: ``{vlr, label, index, flipped, teacher: {name: output}}``.
+
+    Item ``k`` is cache row ``k``. Its flip is drawn as ``TrainingFaces`` draws it, and its ``vlr`` is the
+    stored VLR face up-sampled by ``degradation``, equal to the ``vlr`` of ``TrainingFaces``. There is no
+    ``hr``: a stage that trains from the cache does not run its teacher. Teacher outputs keep their
+    storage dtype (float16 taps) until the stage widens them on its device.
+
+    The memory maps are opened in each data-loader worker on first use, so a worker started by pickling
+    does not copy the arrays.
+    """
+
+    def __init__(self, folder: str | os.PathLike, degradation: Degradation, flip: bool) -> None:
+        self.folder = Path(folder)
+        self.degradation = degradation
+        self.flip = flip
+        meta = json.loads((self.folder / META_FILE).read_text())
+        self.output_names = list(meta["arrays"])
+        self.indices = np.load(self.folder / INDICES_FILE)
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            names = [*self.output_names, *(INPUT_PREFIX + name for name in ("vlr", "label"))]
+            self._arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in names}
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        flipped = draw_flip(self.flip)
+        arrays = self._open()
+        vlr = np.asarray(arrays[INPUT_PREFIX + "vlr"][row, int(flipped)])
+        return {
+            "vlr": to_tensor(self.degradation.upsample(vlr)),
+            "label": torch.tensor(int(arrays[INPUT_PREFIX + "label"][row, int(flipped)]), dtype=torch.long),
+            "index": torch.tensor(int(self.indices[row]), dtype=torch.long),
+            "flipped": torch.tensor(flipped),
+            OUTPUTS_KEY: {name: torch.from_numpy(np.array(arrays[name][row, int(flipped)])) for name in self.output_names},
         }
 
 
@@ -152,12 +197,17 @@ class TeacherCache:
         folder: the entry folder.
         meta: the contents of ``meta.json`` (key, arrays, build time).
         indices: ``(N,)`` int64 sorted training-source indices of the rows.
-        arrays: ``{name: memmap (N, 2, *shape)}``.
+        arrays: ``{name: memmap (N, 2, *shape)}`` of the teacher outputs.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / META_FILE).read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"teacher cache {self.folder} has format version {self.meta.get('format_version')}, this version of "
+                f"lvlrfr reads version {FORMAT_VERSION}"
+            )
         self.indices = np.load(self.folder / INDICES_FILE)
         self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in self.meta["arrays"]}
         for name, array in self.arrays.items():
@@ -188,6 +238,10 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def training_faces(self, degradation: Degradation, flip: bool) -> CachedTrainingFaces:
+        """Return the dataset that serves the training items from this entry (see :class:`CachedTrainingFaces`)."""
+        return CachedTrainingFaces(self.folder, degradation, flip)
+
     def rows(self, index: torch.Tensor) -> np.ndarray:
         """Map ``(B,)`` training-source indices to cache rows; raise KeyError for an index not in the cache."""
         requested = index.detach().cpu().numpy().astype(np.int64)
@@ -201,17 +255,20 @@ class TeacherCache:
             )
         return rows
 
-    def read(self, batch: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Return ``{name: (B, *shape) float32}`` for a training batch, looked up by its ``index`` and ``flipped``.
+    def read(self, batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Return ``{name: (B, *shape) float32}`` teacher outputs for a training batch.
 
-        A batch without ``flipped`` reads the unflipped outputs. The tensors are on ``device``, by default
-        the device of ``batch["index"]``.
+        A batch served by :class:`CachedTrainingFaces` carries them already. Any other batch is looked up
+        by its ``index`` and ``flipped`` (unflipped when it has no ``flipped``). The tensors are on
+        ``device``, by default the device of ``batch["index"]``.
         """
         index = batch["index"]
+        device = index.device if device is None else device
+        if OUTPUTS_KEY in batch:
+            return {name: value.to(device).float() for name, value in batch[OUTPUTS_KEY].items()}
         flipped = batch.get("flipped")
         flips = np.zeros(len(index), dtype=np.int64) if flipped is None else flipped.detach().cpu().numpy().astype(np.int64)
         rows = self.rows(index)
-        device = index.device if device is None else device
         return {
             # Widening float16 in torch after the copy is faster than numpy's conversion and halves the bytes
             # sent to a GPU.
@@ -223,7 +280,9 @@ class TeacherCache:
 # ------------------------------------------------------------------------------------- building
 
 
-def prepare_build(folder: Path, key: Mapping[str, Any], arrays: Mapping[str, ArraySpec], indices: np.ndarray) -> Path:
+def prepare_build(
+    folder: Path, key: Mapping[str, Any], arrays: Mapping[str, ArraySpec], indices: np.ndarray, inputs: Mapping[str, ArraySpec]
+) -> Path:
     """Create (or keep, to resume) the building folder of ``folder`` with empty arrays; run on rank 0 only.
 
     A building folder left by an earlier run is kept when it was started for the same key, arrays and
@@ -234,6 +293,7 @@ def prepare_build(folder: Path, key: Mapping[str, Any], arrays: Mapping[str, Arr
         "format_version": FORMAT_VERSION,
         "key": json.loads(json.dumps(dict(key), default=str)),
         "arrays": {name: spec.to_dict() for name, spec in arrays.items()},
+        "inputs": {name: spec.to_dict() for name, spec in inputs.items()},
         "rows": int(len(indices)),
     }
     plan_file = building / BUILD_KEY_FILE
@@ -247,7 +307,8 @@ def prepare_build(folder: Path, key: Mapping[str, Any], arrays: Mapping[str, Arr
         shutil.rmtree(building)
     building.mkdir(parents=True)
     np.save(building / INDICES_FILE, np.asarray(indices, dtype=np.int64))
-    for name, spec in arrays.items():
+    files = {**arrays, **{INPUT_PREFIX + name: spec for name, spec in inputs.items()}}
+    for name, spec in files.items():
         np.lib.format.open_memmap(building / f"{name}.npy", mode="w+", dtype=spec.dtype, shape=(len(indices), 2, *spec.shape)).flush()
     np.lib.format.open_memmap(building / FILLED_FILE, mode="w+", dtype=np.uint8, shape=(len(indices), 2)).flush()
     # The plan is written last, so a folder without it is never resumed.
@@ -274,11 +335,13 @@ def fill_shard(
     """Compute and write the unfilled items of this rank's rows into the building folder of ``folder``.
 
     ``faces`` must list the rows of the build (its ``pairs`` are replaced). Each batch is moved to
-    ``device`` and passed to ``compute``. Returns the number of items written.
+    ``device`` and passed to ``compute``; its ``vlr_pixels`` and ``label`` are stored as the student inputs.
+    Returns the number of items written.
     """
     building = building_folder(folder)
     plan = json.loads((building / BUILD_KEY_FILE).read_text())
     arrays = {name: np.load(building / f"{name}.npy", mmap_mode="r+") for name in plan["arrays"]}
+    inputs = {name: np.load(building / f"{INPUT_PREFIX}{name}.npy", mmap_mode="r+") for name in plan["inputs"]}
     filled = np.load(building / FILLED_FILE, mmap_mode="r+")
     pairs = shard_pairs(filled, rank, world_size)
     if not pairs:
@@ -301,6 +364,9 @@ def fill_shard(
                 )
             array[rows, flips] = values
             array.flush()
+        for name, array in inputs.items():
+            array[rows, flips] = batch["vlr_pixels" if name == "vlr" else name].numpy()
+            array.flush()
         # The mask is set only after the data is on disk, so a killed build never skips an unwritten item.
         filled[rows, flips] = 1
         filled.flush()
@@ -318,7 +384,8 @@ def finish_build(folder: Path, build_seconds: float, world_size: int = 1) -> Pat
             f"teacher cache build {building} has {len(missing)} unfilled (row, flip) items, first "
             f"{missing[:3].tolist()}; a rank stopped early. Run the training again to resume the build"
         )
-    sizes = {name: (building / f"{name}.npy").stat().st_size for name in plan["arrays"]}
+    names = [*plan["arrays"], *(INPUT_PREFIX + name for name in plan["inputs"])]
+    sizes = {name: (building / f"{name}.npy").stat().st_size for name in names}
     meta = {
         **plan,
         "key_sha256": key_digest(plan["key"]),
@@ -367,13 +434,14 @@ def open_or_build(
         return cache
 
     start = time.monotonic()
-    total = sum(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize for spec in arrays.values()) * 2 * len(faces.indices)
+    specs = [*arrays.values(), *input_arrays(faces.degradation).values()]
+    total = sum(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize for spec in specs) * 2 * len(faces.indices)
     if rank == 0:
         logger.info(
             "Building teacher cache %s: %d images x 2 flips, %.1f MB, on %d process(es)",
             folder, len(faces.indices), total / 2**20, world_size,
         )
-        prepare_build(folder, key, arrays, faces.indices)
+        prepare_build(folder, key, arrays, faces.indices, input_arrays(faces.degradation))
     barrier()
     with torch.random.fork_rng(devices=[]):
         written = fill_shard(folder, faces, compute, rank, world_size, batch_size, num_workers, device)

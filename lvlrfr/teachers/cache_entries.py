@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,7 +44,7 @@ def module_sha256(module: nn.Module) -> str:
 
 def data_key(datamodule: Any) -> dict[str, Any]:
     """Return the part of a cache key that identifies the training faces of a ``LowResFaceDataModule``."""
-    required = ("manifest", "degradation", "hr_size", "train_source", "train_indices")
+    required = ("manifest", "degradation", "hr_size", "flip", "train_indices", "training_faces", "use_training_faces")
     missing = [name for name in required if not hasattr(datamodule, name)]
     if missing:
         raise ConfigurationError(
@@ -92,8 +93,9 @@ def sr_teacher_arrays(teacher: Any) -> dict[str, ArraySpec]:
 def _open_for_trainer(
     root: str, kind: str, key: dict[str, Any], arrays: dict[str, ArraySpec], compute: Compute, trainer: Any
 ) -> TeacherCache:
+    """Open or build the entry on every rank, then let the data module serve the training items from it."""
     datamodule = trainer.datamodule
-    return open_or_build(
+    cache = open_or_build(
         root,
         kind,
         key,
@@ -107,6 +109,12 @@ def _open_for_trainer(
         world_size=trainer.world_size,
         barrier=lambda: trainer.strategy.barrier("teacher_cache"),
     )
+    if not np.array_equal(cache.indices, datamodule.train_indices):
+        raise RuntimeError(
+            f"teacher cache {cache.folder} was built for other training images than the data module uses; delete it to rebuild"
+        )
+    datamodule.use_training_faces(cache.training_faces(datamodule.degradation, datamodule.flip))
+    return cache
 
 
 def _datamodule(trainer: Any) -> Any:
@@ -122,7 +130,8 @@ def _datamodule(trainer: Any) -> Any:
 def open_recognizer_cache(root: str, teacher: nn.Module, trainer: Any) -> TeacherCache:
     """Open (building it on first use) the cache of ``teacher``'s embeddings for the trainer's training faces.
 
-    The build runs on the trainer's root device and, under DDP, on every rank.
+    The build runs on the trainer's root device and, under DDP, on every rank. Afterwards the data module
+    serves the training items from the cache.
     """
     datamodule = _datamodule(trainer)
     teacher.to(trainer.strategy.root_device)
@@ -137,7 +146,10 @@ def open_recognizer_cache(root: str, teacher: nn.Module, trainer: Any) -> Teache
 def open_tap_cache(
     root: str, teacher: nn.Module, compute_taps: Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]], trainer: Any
 ) -> TeacherCache:
-    """Open (building it on first use) the cache of the diffusion teacher's taps, computed by ``compute_taps(batch)``."""
+    """Open (building it on first use) the cache of the diffusion teacher's taps, computed by ``compute_taps(batch)``.
+
+    Afterwards the data module serves the training items from the cache.
+    """
     datamodule = _datamodule(trainer)
     teacher.to(trainer.strategy.root_device)
     key = sr_teacher_key(teacher, datamodule)
