@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lvlrfr.commands.parsing import parse_function_arguments
 from lvlrfr.data.degradation import Degradation
 from lvlrfr.data.sets import EvaluationSet, FaceSet, VerificationSet, load_set
 from lvlrfr.evaluation.report import FLIP_FUSION, ResultRow, format_report
@@ -35,7 +35,7 @@ from lvlrfr.evaluation.scoring import SetScorer, data_record, gallery_label, plo
 from lvlrfr.evaluation.verification import fuse_flip
 from lvlrfr.stages.export import load_student
 from lvlrfr.teachers.recognizer import RecognizerTeacher, load_recognizer
-from lvlrfr.utils.errors import ConfigurationError, make_concise
+from lvlrfr.utils.errors import ConfigurationError
 from lvlrfr.utils.run_info import run_info, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -275,19 +275,8 @@ def evaluate(
     return record
 
 
-def build_parser() -> ArgumentParser:
-    parser = make_concise(ArgumentParser)(prog="lvlrfr evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_function_arguments(evaluate)
-    return parser
-
-
 def main(argv: list[str]) -> None:
-    parser = build_parser()
-    config = parser.parse_args(argv)
-    config = parser.instantiate(config)
-    arguments = config.as_dict() if hasattr(config, "as_dict") else dict(config)
-    arguments.pop("config", None)
+    arguments = parse_function_arguments(evaluate, "lvlrfr evaluate", __doc__.split("\n\n")[0], argv)
     arguments["models"] = [entry if isinstance(entry, ModelEntry) else ModelEntry(**entry) for entry in arguments["models"]]
     arguments["sets"] = [item if isinstance(item, EvaluationSet) else EvaluationSet(**item) for item in arguments["sets"]]
     if isinstance(arguments["degradation"], dict):

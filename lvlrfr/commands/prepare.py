@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from jsonargparse import ActionConfigFile, ArgumentParser
 from tqdm import tqdm
 
 import lvlrfr
 from lvlrfr.data.datamodule import resize_face
+from lvlrfr.commands.parsing import parse_function_arguments
 from lvlrfr.data.degradation import Degradation
 from lvlrfr.data.image import encode_rgb
 from lvlrfr.data.prepared import (
@@ -48,7 +48,7 @@ from lvlrfr.data.face_set import crop_box_of
 from lvlrfr.data.sets import EvaluationSet, FaceSet, load_set
 from lvlrfr.data.sources.identification import write_identification_lists
 from lvlrfr.data.sources.verification_bin import write_verification_bin
-from lvlrfr.utils.errors import ConfigurationError, make_concise
+from lvlrfr.utils.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -263,19 +263,8 @@ def _replace_folder(staging: Path, output: Path) -> None:
     shutil.rmtree(previous)
 
 
-def build_parser() -> ArgumentParser:
-    parser = make_concise(ArgumentParser)(prog="lvlrfr prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_function_arguments(prepare)
-    return parser
-
-
 def main(argv: list[str]) -> None:
-    parser = build_parser()
-    config = parser.parse_args(argv)
-    config = parser.instantiate(config)
-    arguments = config.as_dict() if hasattr(config, "as_dict") else dict(config)
-    arguments.pop("config", None)
+    arguments = parse_function_arguments(prepare, "lvlrfr prepare", __doc__.split("\n\n")[0], argv)
     if isinstance(arguments["source"], dict):
         arguments["source"] = EvaluationSet(**arguments["source"])
     if isinstance(arguments["degradation"], dict):
