@@ -1,6 +1,6 @@
 """``LowResFaceDataModule``: HR/VLR face pairs for training and degraded verification pairs for evaluation.
 
-Every stage uses this one data module, so the teachers, the student and the evaluation see faces
+Every stage uses this one data module, so the teachers, the student and the evaluation read faces
 degraded by the same :class:`~lvlrfr.data.degradation.Degradation`.
 """
 

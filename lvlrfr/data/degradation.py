@@ -55,7 +55,7 @@ class Degradation:
         noise_std: Gaussian noise standard deviation as a fraction of 255 at VLR, a value or [low, high].
         jpeg_quality: JPEG quality [low, high] applied at VLR, or None for no compression.
         seed: seed of the per-image parameter sampling.
-        colour_order: channel order of every image the pipeline sees; the project works in RGB.
+        colour_order: channel order of every image the pipeline reads; the project works in RGB.
     """
 
     vlr_size: int = 16

@@ -21,7 +21,7 @@ from lvlrfr.data.prepared import PreparedFaces, PreparedManifest
 from lvlrfr.utils.errors import ConfigurationError
 
 SetKind = Literal["lfw", "bin", "pairs", "identification", "prepared"]
-#: LFW folds evaluated when a set of kind ``lfw`` names none: those the training data module holds out by default.
+#: LFW folds evaluated when a set of kind ``lfw`` names none: those the training data module leaves out of training by default.
 LFW_DEFAULT_FOLDS = [6, 7, 8, 9, 10]
 
 
@@ -234,7 +234,7 @@ def check_colour_order(config: EvaluationSet) -> None:
     if config.colour_order == "BGR" and not config.convert_to_rgb:
         raise ConfigurationError(
             f"set {config.name!r} declares colour_order BGR, but every model input is RGB (a recognizer whose spec "
-            "says BGR gets its channels swapped by its wrapper, from RGB) and nothing converts this set; add "
+            "declares BGR gets its channels swapped by its wrapper, from RGB) and nothing converts this set; add "
             "convert_to_rgb: true to its config entry, or set colour_order: RGB if its images are RGB")
     if config.colour_order == "RGB" and config.convert_to_rgb:
         raise ConfigurationError(f"set {config.name!r} sets convert_to_rgb but declares colour_order RGB; remove "

@@ -2,7 +2,7 @@
 
 The figures are drawn on matplotlib's Agg canvas directly (no pyplot), so plotting needs no
 display and leaves pyplot's global state alone. Files are written atomically: a temporary
-file in the target folder is renamed over the target, so a reader never sees a partial PNG.
+file in the target folder is renamed over the target, so a reader never opens a partial PNG.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class StudentBackbone(nn.Module):
       ``out_indices`` selects stages; channels and strides come from timm's ``feature_info``.
 
     A stride ``s`` map has side ``ceil(S / s)`` for the iResNet and MobileFaceNet stages (timm
-    models may round differently). ``feature_shapes`` holds the measured ``(C, H, W)`` of each map
+    models may round differently). ``feature_shapes`` contains the measured ``(C, H, W)`` of each map
     at ``input_size``.
 
     Attributes:

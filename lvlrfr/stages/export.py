@@ -13,12 +13,12 @@ from lvlrfr.models.student import Student, StudentBackbone, StudentHead
 def load_student(checkpoint_path: str | Path) -> tuple[Student, dict[str, Any]]:
     """Load the student (backbone + head) of a ``DiscriminativeDistillation`` or ``RecognizerTraining`` checkpoint.
 
-    Returns the student in eval mode and the checkpoint's hyper-parameters (which hold its
+    Returns the student in eval mode and the checkpoint's hyper-parameters (which contain its
     ``degradation`` and ``backbone`` settings).
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: the checkpoint holds no trained head (a stage 1 or stage 0a checkpoint).
+        ValueError: the checkpoint contains no trained head (a stage 1 or stage 0a checkpoint).
     """
     path = Path(checkpoint_path)
     if not path.is_file():

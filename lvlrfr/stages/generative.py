@@ -24,7 +24,7 @@ class GenerativeDistillation(FaceStage):
 
     Each diffusion encoder tap (``down0``, ``down1``, ..., ``mid``) is paired with the student stage of
     the closest stride and reached through a 1x1 convolution adapter
-    (:class:`~lvlrfr.losses.distillation.FeatureRegressionLoss`). The teacher sees the same VLR face,
+    (:class:`~lvlrfr.losses.distillation.FeatureRegressionLoss`). The teacher reads the same VLR face,
     resized to its own sample size, at a fixed timestep and a fixed noise per image, so its taps are
     deterministic targets. Stage 2 reads ``backbone.*`` from this stage's checkpoint and freezes it.
 

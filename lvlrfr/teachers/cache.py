@@ -453,5 +453,5 @@ def open_or_build(
     barrier()
     cache = TeacherCache.open(folder, key)
     if cache is None:
-        raise RuntimeError(f"teacher cache {folder} is missing after its build; check that every rank sees this folder")
+        raise RuntimeError(f"teacher cache {folder} is missing after its build; check that every rank can read this folder")
     return cache

@@ -8,7 +8,7 @@
   sha256 of the weights. float16 halves the disk size; its relative rounding error is below 1e-3,
   and values beyond 65504 stop the build with an error.
 
-Both keys also hold the data key: the data module's manifest sha256, the degradation and the HR size.
+Both keys also contain the data key: the data module's manifest sha256, the degradation and the HR size.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class RecognizerTeacher(nn.Module):
 
     The forward pass resizes to ``spec.input_size`` (bilinear with antialiasing) when needed, maps
     [-1, 1] to pixel values in [0, 255], normalises them to ``(pixel - mean) / std``, reorders to
-    BGR and to NHWC when the spec says so, and runs ``network``. The result is float32 of shape
+    BGR and to NHWC when the spec requires it, and runs ``network``. The result is float32 of shape
     ``(B, spec.output_size)`` and not L2-normalised.
 
     Parameters never require gradients, and ``train()`` leaves the module in eval mode, so
@@ -273,7 +273,7 @@ def load_checkpoint_recognizer(
     key, otherwise from the first nested mapping that has one. Without a spec, the project's
     image convention applies (RGB, ``(pixel - 127.5) / 127.5``, NCHW).
     """
-    # A .ckpt file is a pickle (it may hold the Degradation and other objects in its
+    # A .ckpt file is a pickle (it may contain the Degradation and other objects in its
     # hyper-parameters), so only checkpoints from a trusted source should be loaded.
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     state_dict = checkpoint.get("state_dict", {})

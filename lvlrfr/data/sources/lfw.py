@@ -148,7 +148,7 @@ def download_lfw_pairs(root: str | Path) -> Path:
     """Fetch LFW (deep-funneled) and ``pairs.txt`` with torchvision's own downloader into ``root``.
 
     Returns the folder holding the identity folders. Without network access this fails at once with a
-    message that says where to place a local copy.
+    message that names where to place a local copy.
     """
     from torchvision.datasets import LFWPairs
 
