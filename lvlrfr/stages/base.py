@@ -215,11 +215,13 @@ class FaceStage(L.LightningModule):
             for far, tar in result.tar_at_far.items():
                 self.log(f"{split}/{name}_tar@far{far:.0e}".replace("e-0", "e-"), tar, sync_dist=False)
         if results and not self.trainer.sanity_checking:
-            self._save_roc(results, split)
+            # Trainer.log_dir broadcasts from rank 0, so every rank reads it before rank 0 writes the plot.
+            # Reading it on rank 0 alone leaves rank 0 waiting in the broadcast for the other ranks.
+            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            self._save_roc(results, split, log_dir / "roc")
 
     @rank_zero_only
-    def _save_roc(self, results: dict[str, Any], split: str) -> None:
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "roc"
+    def _save_roc(self, results: dict[str, Any], split: str, folder: Path) -> None:
         path = plot_roc(results, folder / f"{split}_epoch{self.current_epoch:03d}.png")
         for logger_ in self.loggers:
             if hasattr(logger_, "log_image"):

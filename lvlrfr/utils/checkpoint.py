@@ -61,4 +61,5 @@ class FinalCheckpoint(Callback):
         if trainer.interrupted or trainer.sanity_checking or trainer.fast_dev_run:
             return
         trainer.save_checkpoint(self.path)
-        logger.info("Training finished: wrote %s", self.path)
+        if trainer.is_global_zero:
+            logger.info("Training finished: wrote %s", self.path)
