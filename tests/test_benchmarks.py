@@ -23,7 +23,7 @@ def test_benchmark_writes_report(tmp_path, lfw_root, shared_models):
 
     assert status == 0
     report = output.read_text()
-    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| generative | CPU-profile")]
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| generative | CPU-profile diffusion")]
     rows += [line.split(" | ") for line in report.splitlines() if line.startswith("| discriminative | `mobilefacenet")]
     assert len(rows) == 2
     for row in rows:
@@ -34,4 +34,7 @@ def test_benchmark_writes_report(tmp_path, lfw_root, shared_models):
         assert "(match)" in row[8]
     # One cache entry per stage, built once and complete.
     assert len(list((tmp_path / "work").glob("cache_*/*/meta.json"))) == 2
-    assert re.search(r"\| generative \| [\d.]+, [\d.]+ \| \d+%, \d+% \|", report)
+    shares = re.search(r"\| generative \| CPU-profile UNet \| [\d.]+, [\d.]+ \| (\d+)%, (\d+)% \|.* ([\d.]+)x \|$", report, re.M)
+    assert shares is not None
+    assert all(0 < int(share) < 100 for share in shares.groups()[:2])
+    assert shares.group(3) == rows[0][5].rstrip("x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,4 +121,29 @@ def test_generative_stage_ddp_mixed_precision(trained_chain, lfw_root, tmp_path)
     assert rows, "no validation accuracy was logged"
     assert 0.0 < float(rows[-1]["val/lfw16_acc"]) <= 1.0
     assert (run / "csv" / "roc" / "val_epoch000.png").is_file()
+    assert (run / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_discriminative_stage_ddp_builds_teacher_cache(trained_chain, lfw_root, shared_models, tmp_path):
+    """Two CPU processes share one cache build, each filling half the rows, then train from the cache."""
+    run, cache = tmp_path / "ddp_cache", tmp_path / "cache"
+    run_lvlrfr(
+        "fit", "--config", "configs/discriminative.yaml", "--trainer.default_root_dir", str(run),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.max_epochs", "1", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0.0",
+        "--trainer.log_every_n_steps", "1",
+        "--model.init_args.student_checkpoint", str(trained_chain / "generative" / "checkpoints" / "final.ckpt"),
+        "--model.init_args.recognizer", str(shared_models / "mobilefacenet" / "mobilefacenet_arcface.onnx"),
+        "--model.init_args.teacher_cache", str(cache),
+        *data_overrides(lfw_root, 256),
+        timeout=600,
+    )
+    (meta_file,) = cache.glob("recognizer-*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    assert meta["world_size"] == 2
+    assert meta["rows"] == 256
+    assert not list(cache.glob(".*.building"))
+    losses = [float(row["train/loss"]) for row in read_metrics(run) if row.get("train/loss")]
+    assert len(losses) == 3
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses)
     assert (run / "checkpoints" / "final.ckpt").is_file()
