@@ -331,7 +331,9 @@ def format_report(comparisons: list[Comparison], arguments: argparse.Namespace, 
         "What remains of a cached epoch is the student's forward and backward passes and its losses; the data "
         "loading leaves the epoch too, because the training set then reads the stored VLR face and label of each "
         "item instead of decoding, resizing and degrading its HR image. The student's part costs the same with both "
-        "teachers of a stage, so the larger the teacher, the larger the gain.",
+        "teachers of a stage, so the larger the teacher, the larger the gain. With a data-loader worker on the "
+        "same CPUs, the worker decodes the next batch while the teacher runs and slows the teacher's calls, so the "
+        "share, and with it 1 / (1 - share), comes out somewhat too high.",
         "",
         "The cache build runs the teacher once on every training image and its horizontal flip, so it costs about "
         "two epochs of teacher time. It pays off from the third epoch on, and later runs with the same teacher, "
