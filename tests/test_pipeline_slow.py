@@ -130,8 +130,7 @@ def test_discriminative_stage_ddp_builds_teacher_cache(trained_chain, lfw_root, 
     run_lvlrfr(
         "fit", "--config", "configs/discriminative.yaml", "--trainer.default_root_dir", str(run),
         "--trainer.strategy", "ddp", "--trainer.devices", "2",
-        "--trainer.max_epochs", "1", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0.0",
-        "--trainer.log_every_n_steps", "1",
+        "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0.0", "--trainer.log_every_n_steps", "1",
         "--model.init_args.student_checkpoint", str(trained_chain / "generative" / "checkpoints" / "final.ckpt"),
         "--model.init_args.recognizer", str(shared_models / "mobilefacenet" / "mobilefacenet_arcface.onnx"),
         "--model.init_args.teacher_cache", str(cache),
@@ -144,6 +143,7 @@ def test_discriminative_stage_ddp_builds_teacher_cache(trained_chain, lfw_root, 
     assert meta["rows"] == 256
     assert not list(cache.glob(".*.building"))
     losses = [float(row["train/loss"]) for row in read_metrics(run) if row.get("train/loss")]
-    assert len(losses) == 3
+    # 256 images on 2 processes in batches of 64: 2 steps.
+    assert len(losses) == 2
     assert all(math.isfinite(loss) and loss > 0 for loss in losses)
     assert (run / "checkpoints" / "final.ckpt").is_file()

@@ -16,6 +16,7 @@ from lvlrfr.evaluation.metrics import VerificationMetric
 from lvlrfr.evaluation.plots import plot_roc
 from lvlrfr.evaluation.verification import fuse_flip
 from lvlrfr.losses.margin import ArcFaceHead, CosFaceHead, MarginHead
+from lvlrfr.stages.optim import adamw_with_cosine
 from lvlrfr.utils.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,21 @@ class FaceStage(L.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
+    def configure_optimizers(self) -> dict:
+        """Return AdamW over the trainable parameters with linear warm-up and cosine decay.
+
+        Reads the hyper-parameters ``learning_rate``, ``weight_decay`` and ``warmup_fraction`` (the share of
+        the optimizer steps spent warming up).
+        """
+        total = self.trainer.estimated_stepping_batches
+        return adamw_with_cosine(
+            self.trainable_parameters(),
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            total_steps=total,
+            warmup_steps=int(self.hparams.warmup_fraction * total),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = tuple(f"{name}." for name in self._teacher_names())

@@ -13,7 +13,6 @@ from lvlrfr.losses.distillation import EmbeddingDistillationLoss
 from lvlrfr.losses.relational import RelationalContrastiveLoss
 from lvlrfr.models.student import StudentBackbone, StudentHead
 from lvlrfr.stages.base import FaceStage, describe_difference
-from lvlrfr.stages.optim import adamw_with_cosine
 from lvlrfr.teachers.cache_entries import open_recognizer_cache
 from lvlrfr.teachers.recognizer import load_recognizer
 from lvlrfr.utils.errors import ConfigurationError
@@ -173,13 +172,3 @@ class DiscriminativeDistillation(FaceStage):
         self.log("train/loss_kd", loss_kd, prog_bar=True, batch_size=batch_size)
         self.log("train/loss_rcd", loss_rcd, batch_size=batch_size)
         return loss
-
-    def configure_optimizers(self) -> dict:
-        total = self.trainer.estimated_stepping_batches
-        return adamw_with_cosine(
-            self.trainable_parameters(),
-            self.hparams.learning_rate,
-            self.hparams.weight_decay,
-            total_steps=total,
-            warmup_steps=int(self.hparams.warmup_fraction * total),
-        )

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from lvlrfr.losses.distillation import FeatureRegressionLoss, pair_taps_by_stride
 from lvlrfr.models.student import StudentBackbone
 from lvlrfr.stages.base import FaceStage
-from lvlrfr.stages.optim import adamw_with_cosine
 from lvlrfr.teachers.cache_entries import open_tap_cache
 from lvlrfr.teachers.diffusion import DiffusionSRTeacher
 from lvlrfr.utils.errors import ConfigurationError
@@ -122,15 +121,6 @@ class GenerativeDistillation(FaceStage):
         """Average-pool the last backbone map: ``(B, 3, S, S)`` -> ``(B, C)``."""
         return F.adaptive_avg_pool2d(self.backbone(images)[-1], 1).flatten(1)
 
-    def configure_optimizers(self) -> dict:
-        total = self.trainer.estimated_stepping_batches
-        return adamw_with_cosine(
-            [*self.backbone.parameters(), *self.regression.parameters()],
-            self.hparams.learning_rate,
-            self.hparams.weight_decay,
-            total_steps=total,
-            warmup_steps=int(self.hparams.warmup_fraction * total),
-        )
 
 
 def default_pairing(student_shapes: list[tuple[int, int, int]], teacher: DiffusionSRTeacher, input_size: int) -> dict[str, int]:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from lvlrfr.models.student import Student, build_student
 from lvlrfr.stages.base import FaceStage
-from lvlrfr.stages.optim import adamw_with_cosine
 from lvlrfr.utils.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -99,13 +98,3 @@ class RecognizerTraining(FaceStage):
         if self.verification_metrics:
             images = batch[self.hparams.input]
             self.verification_metrics[dataloader_idx].update(self.embed_with_flip(images), batch["index"])
-
-    def configure_optimizers(self) -> dict:
-        total = self.trainer.estimated_stepping_batches
-        return adamw_with_cosine(
-            self.trainable_parameters(),
-            self.hparams.learning_rate,
-            self.hparams.weight_decay,
-            total_steps=total,
-            warmup_steps=int(self.hparams.warmup_fraction * total),
-        )
