@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -55,6 +56,7 @@ SHARED_RECOGNIZER = "../shared/models/mobilefacenet/mobilefacenet_arcface.onnx"
 STUDENT = {"arch": "iresnet", "input_size": 32, "depths": [2, 2, 2], "widths": [32, 64, 128]}
 DEGRADATION = Degradation(vlr_size=16, input_size=32, down_kernel="area", up_kernel="bicubic", seed=0)
 LOSS_TOLERANCE = {"generative": 1e-2, "discriminative": 1e-4}
+WORK_DIR_MARKER = ".lvlrfr-benchmark"
 
 
 class EpochTimer(L.Callback):
@@ -123,6 +125,12 @@ class Comparison:
     def speedup(self) -> float:
         """Ratio of the fastest epochs without and with the cache."""
         return min(self.plain.epoch_seconds) / min(self.cached.epoch_seconds)
+
+    @property
+    def break_even_epochs(self) -> str:
+        """Epochs after which the time saved by the cache exceeds its build time, or "never"."""
+        saved = min(self.plain.epoch_seconds) - min(self.cached.epoch_seconds)
+        return "never" if saved <= 0 else f"{math.ceil(self.cached.cache_build_seconds / saved)}"
 
     @property
     def teacher_shares(self) -> list[float]:
@@ -267,25 +275,21 @@ def format_report(comparisons: list[Comparison], arguments: argparse.Namespace, 
         "",
         "## Teacher cache: training epochs with and without it",
         "",
-        "By default each stage is measured with a small teacher and a large one. The small ones are the CPU profile's: the "
-        "diffusion SR teacher of `configs/sr_teacher.yaml` and the MobileFaceNet of the shared models. The large "
-        "ones have the size of a full-scale run's teachers: the UNet widths of `configs/gpu/sr_teacher.yaml` at the "
-        "CPU profile's 32-pixel sample size, and an iResNet-50 exported to ONNX as insightface's `w600k_r50.onnx`, "
-        "the usual HR teacher of the field.",
+        *teacher_overview(comparisons),
         "",
         f"Command: `{command}` (`make bench` runs it with the defaults), git commit `{git_commit()}`, "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}.",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} intra-op threads, Python {platform.python_version()}, no GPU. "
+        f"{plural(torch.get_num_threads(), 'intra-op thread')}, Python {platform.python_version()}, no GPU. "
         f"The benchmark ran at niceness {os.nice(0)}, and the load average (1, 5, 15 min) when it started was "
         f"{', '.join(f'{value:.2f}' for value in load_before)}. Other processes on the same CPUs slow both runs "
         "and change the ratio.",
         "",
         f"Data: {arguments.images} aligned LFW training images from `{arguments.train_root}`, batch {arguments.batch_size} "
-        f"(last partial batch dropped), {arguments.num_workers} data-loader worker(s), degradation "
+        f"(last partial batch dropped), {plural(arguments.num_workers, 'data-loader worker')}, degradation "
         f"{DEGRADATION.describe()}. Student: iResNet {STUDENT['widths']} x {STUDENT['depths']} at "
-        f"{STUDENT['input_size']} px (CPU profile). Random weights. Each run trains {arguments.epochs} epoch(s) "
+        f"{STUDENT['input_size']} px (CPU profile). Random weights. Each run trains {plural(arguments.epochs, 'epoch')} "
         "from seed 0 without validation. The speed-up compares the fastest epoch of each run, because other "
         "processes can only make an epoch slower.",
         "",
@@ -312,8 +316,9 @@ def format_report(comparisons: list[Comparison], arguments: argparse.Namespace, 
         "epochs, and compares the rest of the fastest uncached epoch with the fastest cached one.",
         "",
         "| stage | teacher | teacher time per uncached epoch (s) | teacher share of the epoch | uncached epoch without "
-        "the teacher, fastest (s) | cached epoch, fastest (s) | 1 / (1 - share), fastest epoch | measured speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "the teacher, fastest (s) | cached epoch, fastest (s) | 1 / (1 - share), fastest epoch | measured speed-up "
+        "| epochs that repay the cache build |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for comparison in comparisons:
         plain = comparison.plain
@@ -324,7 +329,8 @@ def format_report(comparisons: list[Comparison], arguments: argparse.Namespace, 
             f"| {comparison.stage} | {comparison.label} | "
             f"{', '.join(f'{s:.1f}' for s in plain.teacher_seconds)} | {', '.join(f'{share:.0%}' for share in shares)} | "
             f"{plain.epoch_seconds[fastest] - plain.teacher_seconds[fastest]:.1f} | "
-            f"{min(comparison.cached.epoch_seconds):.1f} | {bound} | {comparison.speedup:.2f}x |"
+            f"{min(comparison.cached.epoch_seconds):.1f} | {bound} | {comparison.speedup:.2f}x | "
+            f"{comparison.break_even_epochs} |"
         )
     lines += [
         "",
@@ -335,16 +341,47 @@ def format_report(comparisons: list[Comparison], arguments: argparse.Namespace, 
         "same CPUs, the worker decodes the next batch while the teacher runs and slows the teacher's calls, so the "
         "share, and with it 1 / (1 - share), comes out somewhat too high.",
         "",
-        "The cache build runs the teacher once on every training image and its horizontal flip, so it costs about "
-        "two epochs of teacher time. It pays off from the third epoch on, and later runs with the same teacher, "
-        "data and degradation reuse it.",
+        "The cache build runs the teacher once on every training image and its horizontal flip, about two epochs "
+        "of teacher calls. The last column divides the build time by the time the cache saves per epoch (fastest "
+        "epochs): from that epoch on a run is faster overall, and later runs with the same teacher, data and "
+        "degradation reuse the cache.",
         "",
     ]
+    slower = [f"{comparison.stage} with the {comparison.label}" for comparison in comparisons if comparison.speedup < 1]
+    if slower:
+        lines += [
+            f"**Warning:** the cached epochs were slower in {', '.join(slower)}. Other processes were probably using "
+            "the CPUs (see the load averages); rerun the benchmark on an idle machine.",
+            "",
+        ]
     return "\n".join(lines)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def teacher_overview(comparisons: list[Comparison]) -> list[str]:
+    """Return the paragraph that names the teachers measured and why they were chosen."""
+    text = (
+        "Each row trains one stage with one teacher, described in the first table. The cache saves the teacher's "
+        "calls, so its gain grows with the teacher's size."
+    )
+    large = {"GPU-profile UNet", "iResNet-50"} & {comparison.label for comparison in comparisons}
+    if large:
+        text += (
+            " Besides the CPU profile's small teachers, the benchmark measures teachers of a full-scale run's size: "
+            "the UNet widths of `configs/gpu/sr_teacher.yaml` at the CPU profile's 32-pixel sample size, and an "
+            "iResNet-50 exported to ONNX as insightface's `w600k_r50.onnx`, the usual HR teacher of the field."
+        )
+    return [text]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lvlrfr.benchmarks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lvlrfr.benchmarks", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--output", default="docs/benchmarks.md", help="Markdown report to write")
     parser.add_argument("--train-root", default="../shared/data/lfw-112x112", help="identity-folder tree of aligned faces")
     parser.add_argument("--recognizer", default=SHARED_RECOGNIZER, help="ONNX file of the 'shared' stage 2 HR teacher")
@@ -361,8 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the speed-up uses the fastest one")
     parser.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes")
-    parser.add_argument("--work-dir", default="runs/benchmarks", help="scratch folder, emptied at the start")
-    parser.add_argument("--stages", nargs="+", default=["generative", "discriminative"], choices=("generative", "discriminative"))
+    parser.add_argument(
+        "--work-dir", default="runs/benchmarks",
+        help="scratch folder for teachers and caches; emptied at the start, so it must be new, empty or made by this benchmark",
+    )
+    parser.add_argument(
+        "--stages", nargs="+", default=["generative", "discriminative"], choices=("generative", "discriminative"),
+        help="stages to measure",
+    )
     return parser
 
 
@@ -374,9 +417,18 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     load_before = os.getloadavg()
     work = Path(arguments.work_dir)
+    marker = work / WORK_DIR_MARKER
+    if work.exists() and any(work.iterdir()) and not marker.is_file():
+        print(
+            f"--work-dir {work} is not empty and was not created by this benchmark, which empties its work folder; "
+            "give a new or empty folder",
+            file=sys.stderr,
+        )
+        return 2
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    marker.write_text("Scratch folder of python -m lvlrfr.benchmarks; emptied by every run.\n")
 
     comparisons = []
     if "generative" in arguments.stages:

@@ -8,9 +8,7 @@ import pytest
 
 from lvlrfr import benchmarks
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 def test_benchmark_writes_report(tmp_path, lfw_root, shared_models):
     output = tmp_path / "benchmarks.md"
     recognizer = shared_models / "mobilefacenet" / "mobilefacenet_arcface.onnx"
@@ -34,7 +32,23 @@ def test_benchmark_writes_report(tmp_path, lfw_root, shared_models):
         assert "(match)" in row[8]
     # One cache entry per stage, built once and complete.
     assert len(list((tmp_path / "work").glob("cache_*/*/meta.json"))) == 2
-    shares = re.search(r"\| generative \| CPU-profile UNet \| [\d.]+, [\d.]+ \| (\d+)%, (\d+)% \|.* ([\d.]+)x \|$", report, re.M)
+    shares = re.search(
+        r"\| generative \| CPU-profile UNet \| [\d.]+, [\d.]+ \| (\d+)%, (\d+)% \|.* ([\d.]+)x \| (\d+|never) \|$", report, re.M
+    )
     assert shares is not None
     assert all(0 < int(share) < 100 for share in shares.groups()[:2])
     assert shares.group(3) == rows[0][5].rstrip("x")
+    assert (tmp_path / "work" / benchmarks.WORK_DIR_MARKER).is_file()
+
+
+def test_benchmark_keeps_a_folder_it_did_not_create(tmp_path, capsys):
+    work = tmp_path / "results"
+    work.mkdir()
+    (work / "keep.txt").write_text("user data")
+
+    status = benchmarks.main(["--work-dir", str(work), "--output", str(tmp_path / "report.md")])
+
+    assert status == 2
+    assert "is not empty and was not created by this benchmark" in capsys.readouterr().err
+    assert (work / "keep.txt").read_text() == "user data"
+    assert not (tmp_path / "report.md").exists()

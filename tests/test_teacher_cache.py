@@ -7,6 +7,7 @@ recognizer, a small diffusers UNet as the SR teacher and the real LowResFaceData
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from lvlrfr.teachers.cache import (
     FlipPairFaces,
     TeacherCache,
     building_folder,
+    check_cache_root,
     entry_folder,
     fill_shard,
     finish_build,
@@ -40,6 +42,7 @@ from lvlrfr.teachers.cache import (
 )
 from lvlrfr.teachers.cache_entries import recognizer_key, sr_teacher_key
 from lvlrfr.teachers.diffusion import DiffusionSRTeacher
+from lvlrfr.utils.errors import ConfigurationError
 
 PEOPLE = ["Abdullah_Gul", "Adrien_Brody", "Alejandro_Toledo", "Alvaro_Uribe"]
 IMAGES_PER_PERSON = 3
@@ -217,7 +220,7 @@ def test_sharded_build_matches_single(tmp_path, faces):
     assert np.array_equal(sharded.arrays["embedding"], single.arrays["embedding"])
 
 
-def test_killed_build_resumes(tmp_path, faces):
+def test_killed_build_resumes(tmp_path, faces, caplog):
     calls = []
 
     def dies_after_two_batches(batch):
@@ -228,6 +231,7 @@ def test_killed_build_resumes(tmp_path, faces):
 
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path, faces, dies_after_two_batches)
+    assert "next run resumes" in caplog.text
     assert TeacherCache.open(entry_folder(tmp_path, "recognizer", {"teacher": "tiny"}), {"teacher": "tiny"}) is None
 
     resumed_calls = []
@@ -285,6 +289,34 @@ def test_float16_overflow_rejected(tmp_path, faces):
 
     with pytest.raises(ValueError, match="float32"):
         open_or_build(tmp_path, "sr_teacher", {"k": 1}, {"embedding": ArraySpec((EMBEDDING,), "float16")}, faces, huge)
+
+
+def test_cache_root_must_be_a_writable_folder(tmp_path, faces, monkeypatch):
+    a_file = tmp_path / "cache.txt"
+    a_file.write_text("not a folder")
+
+    with pytest.raises(ConfigurationError, match=r"teacher_cache .*cache.txt is a file"):
+        check_cache_root(a_file)
+    with pytest.raises(ConfigurationError, match=r"cache.txt/sub cannot be created"):
+        build(a_file / "sub", faces, vlr_signature)
+
+    writable = os.access
+    monkeypatch.setattr("lvlrfr.teachers.cache.os.access", lambda path, mode: False)
+    with pytest.raises(ConfigurationError, match="is not writable"):
+        build(tmp_path / "read_only", faces, vlr_signature)
+    monkeypatch.setattr("lvlrfr.teachers.cache.os.access", writable)
+    # A complete entry is read without writing.
+    complete = build(tmp_path / "complete", faces, vlr_signature)
+    monkeypatch.setattr("lvlrfr.teachers.cache.os.access", lambda path, mode: False)
+    assert np.array_equal(build(tmp_path / "complete", faces, vlr_signature).arrays["embedding"], complete.arrays["embedding"])
+
+
+def test_stage_rejects_a_file_as_cache_before_loading(tmp_path, sr_teacher_folder):
+    a_file = tmp_path / "cache.txt"
+    a_file.write_text("not a folder")
+
+    with pytest.raises(ConfigurationError, match="is a file"):
+        GenerativeDistillation(str(tmp_path / "missing_teacher"), **STUDENT, teacher_cache=str(a_file))
 
 
 def test_read_unknown_index(tmp_path, faces):

@@ -32,6 +32,28 @@ def describe_difference(expected: dict[str, Any], found: dict[str, Any]) -> str:
     return "; ".join(f"{key}: {expected.get(key)!r} -> {found.get(key)!r}" for key in keys if expected.get(key) != found.get(key))
 
 
+def check_trained_degradation(recorded: dict[str, Any] | None, data: Degradation, source: str) -> None:
+    """Raise ``ConfigurationError`` when ``source`` was trained on another degradation than ``data``.
+
+    ``recorded`` is the degradation stored with a teacher or checkpoint (None when it stores none, which
+    passes). Every field but the VLR size must match. A model trained at one VLR size may be trained
+    further or evaluated at another, so a different size is only logged as a warning.
+    """
+    if recorded is None:
+        return
+    recorded, data_spec = dict(recorded), data.to_dict()
+    if {**recorded, "vlr_size": None} != {**data_spec, "vlr_size": None}:
+        raise ConfigurationError(
+            f"{source} was trained on degradation {recorded} but the data module produces {data_spec} "
+            f"({describe_difference(recorded, data_spec)}); use the same data.degradation"
+        )
+    if recorded.get("vlr_size") != data_spec["vlr_size"]:
+        logger.warning(
+            "%s was trained on %s-pixel faces, the data module produces %d-pixel faces",
+            source, recorded.get("vlr_size"), data_spec["vlr_size"],
+        )
+
+
 MARGIN_HEADS = {"arcface": ArcFaceHead, "cosface": CosFaceHead}
 
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from lvlrfr.losses.distillation import EmbeddingDistillationLoss
 from lvlrfr.losses.relational import RelationalContrastiveLoss
 from lvlrfr.models.student import StudentBackbone, StudentHead
-from lvlrfr.stages.base import FaceStage, describe_difference
+from lvlrfr.stages.base import FaceStage, check_trained_degradation
+from lvlrfr.teachers.cache import check_cache_root
 from lvlrfr.teachers.cache_entries import open_recognizer_cache
 from lvlrfr.teachers.recognizer import load_recognizer
-from lvlrfr.utils.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class DiscriminativeDistillation(FaceStage):
         super().__init__()
         self.save_hyperparameters()
         self._teacher_cache = None
+        if teacher_cache:
+            check_cache_root(teacher_cache)
         student_state = read_stage_checkpoint(student_checkpoint, "generative distillation (stage 1)")
         backbone_config = student_state["hyper_parameters"]["backbone"]
         self.hparams["backbone"] = backbone_config
@@ -136,14 +138,7 @@ class DiscriminativeDistillation(FaceStage):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self._student_degradation is not None:
-            student_spec = dict(self._student_degradation)
-            data_spec = self.degradation.to_dict()
-            if {**student_spec, "vlr_size": None} != {**data_spec, "vlr_size": None}:
-                raise ConfigurationError(
-                    f"the stage 1 backbone was trained on degradation {student_spec} but the data module produces "
-                    f"{data_spec} ({describe_difference(student_spec, data_spec)}); use the same data.degradation"
-                )
+        check_trained_degradation(self._student_degradation, self.degradation, "the stage 1 backbone")
         self.setup_margin_head(stage)
         if stage == "fit" and self.hparams.teacher_cache and self._teacher_cache is None:
             self._teacher_cache = open_recognizer_cache(self.hparams.teacher_cache, self.recognizer, self.trainer)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from lvlrfr.losses.distillation import FeatureRegressionLoss, pair_taps_by_stride
 from lvlrfr.models.student import StudentBackbone
-from lvlrfr.stages.base import FaceStage
+from lvlrfr.stages.base import FaceStage, check_trained_degradation
+from lvlrfr.teachers.cache import check_cache_root
 from lvlrfr.teachers.cache_entries import open_tap_cache
 from lvlrfr.teachers.diffusion import DiffusionSRTeacher
 from lvlrfr.utils.errors import ConfigurationError
@@ -69,6 +70,8 @@ class GenerativeDistillation(FaceStage):
         super().__init__()
         self.save_hyperparameters()
         self._teacher_cache = None
+        if teacher_cache:
+            check_cache_root(teacher_cache)
         self.backbone = StudentBackbone(arch, input_size, depths=depths, widths=widths, width=width, out_indices=out_indices)
         self.hparams["backbone"] = {
             "arch": arch, "input_size": input_size, "depths": depths, "widths": widths,
@@ -93,6 +96,7 @@ class GenerativeDistillation(FaceStage):
                 f"model.init_args.input_size={self.hparams.input_size} but data.degradation.input_size={expected}; "
                 "set both to the same model input size"
             )
+        check_trained_degradation(self.sr_teacher.trained_degradation, self.degradation, "the diffusion SR teacher")
         if stage == "fit" and self.hparams.teacher_cache and self._teacher_cache is None:
             self._teacher_cache = open_tap_cache(self.hparams.teacher_cache, self.sr_teacher, self.teacher_taps, self.trainer)
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from lvlrfr.data.datamodule import TrainingFaces, draw_flip
 from lvlrfr.data.degradation import Degradation
 from lvlrfr.data.image import to_tensor
+from lvlrfr.utils.errors import ConfigurationError
 from lvlrfr.utils.run_info import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -280,6 +281,32 @@ class TeacherCache:
 # ------------------------------------------------------------------------------------- building
 
 
+def check_cache_root(root: str | os.PathLike, writable: bool = False) -> Path:
+    """Check that ``root`` can hold cache entries: a folder or a path that does not exist yet.
+
+    With ``writable``, also create it and check that new entries can be written there. Raises
+    ``ConfigurationError`` naming ``model.init_args.teacher_cache`` and the fix.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigurationError(
+            f"model.init_args.teacher_cache {root} is a file; set it to a folder (it is created when missing)"
+        )
+    if writable:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigurationError(
+                f"model.init_args.teacher_cache {root} cannot be created ({error.strerror}); set it to a writable folder"
+            ) from error
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigurationError(
+                f"model.init_args.teacher_cache {root} is not writable, so the teacher cache cannot be built there; "
+                "set it to a writable folder, or copy a complete cache entry into it"
+            )
+    return root
+
+
 def prepare_build(
     folder: Path, key: Mapping[str, Any], arrays: Mapping[str, ArraySpec], indices: np.ndarray, inputs: Mapping[str, ArraySpec]
 ) -> Path:
@@ -436,15 +463,24 @@ def open_or_build(
     start = time.monotonic()
     specs = [*arrays.values(), *input_arrays(faces.degradation).values()]
     total = sum(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize for spec in specs) * 2 * len(faces.indices)
+    # Every rank checks, so that all of them stop on a folder they cannot write instead of waiting for rank 0.
+    check_cache_root(root, writable=True)
     if rank == 0:
         logger.info(
-            "Building teacher cache %s: %d images x 2 flips, %.1f MB, on %d process(es)",
-            folder, len(faces.indices), total / 2**20, world_size,
+            "Building teacher cache %s: %d images x 2 flips, %.1f MiB, on %d process%s",
+            folder, len(faces.indices), total / 2**20, world_size, "" if world_size == 1 else "es",
         )
         prepare_build(folder, key, arrays, faces.indices, input_arrays(faces.degradation))
     barrier()
-    with torch.random.fork_rng(devices=[]):
-        written = fill_shard(folder, faces, compute, rank, world_size, batch_size, num_workers, device)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            written = fill_shard(folder, faces, compute, rank, world_size, batch_size, num_workers, device)
+    except KeyboardInterrupt:
+        logger.warning(
+            "Teacher cache build interrupted; the items written so far are kept in %s and the next run resumes "
+            "from them", building_folder(folder),
+        )
+        raise
     logger.debug("Rank %d wrote %d teacher cache items", rank, written)
     barrier()
     if rank == 0:

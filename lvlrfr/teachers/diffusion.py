@@ -207,6 +207,8 @@ class DiffusionSRTeacher(nn.Module):
         self.scheduler = scheduler
         self.tap_timestep = int(tap_timestep)
         self.noise_seed = int(noise_seed)
+        # The degradation of the faces the teacher was trained on, when its checkpoint records it.
+        self.trained_degradation: dict[str, Any] | None = None
         self.condition_on_hr = bool(condition_on_hr)
         self.up_kernel = up_kernel
         self.hr_kernel = hr_kernel
@@ -489,6 +491,7 @@ class DiffusionSRTeacher(nn.Module):
             )
         teacher = cls(**teacher_args)
         teacher.load_state_dict(state)
+        teacher.trained_degradation = checkpoint.get("hyper_parameters", {}).get("degradation")
         logger.info("Loaded the diffusion SR teacher from checkpoint %s", checkpoint_path)
         return teacher
 
