@@ -53,7 +53,7 @@ report: $(RUN)/discriminative/checkpoints/final.ckpt ## Evaluate student and HR 
 train-all: install ## Run every stage on real faces and print the LFW-16px table (PROFILE=cpu|gpu)
 	$(MAKE) report
 
-test: install ## Run the default test suite (about 10 minutes on 2 cores)
+test: install ## Run the default test suite (about 1.5 minutes on 2 idle cores)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install ## Run only the slow end-to-end tests
