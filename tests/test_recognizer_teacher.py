@@ -176,16 +176,72 @@ def test_onnx_spec_mismatch(shared_models, field, value, found):
     with pytest.raises(TeacherSpecError) as caught:
         load_recognizer(path, {"preset": "mobilefacenet_arcface", field: value})
 
+    message = str(caught.value)
     assert caught.value.mismatches == {field: (value, found)}
-    assert field in str(caught.value)
+    assert field in message
+    assert "mobilefacenet_arcface.onnx is the file that preset 'mobilefacenet_arcface' describes" in message
+    assert "cannot be read from a model file" not in message
 
 
 def test_onnx_nchw_file_with_nhwc_spec(shared_models):
+    """The graph's fields and those recorded for the known file are listed in one error."""
     with pytest.raises(TeacherSpecError) as caught:
-        load_recognizer(shared_models / REAL_MODELS["faceplugin"][0], "mobilefacenet_arcface")
+        load_recognizer(shared_models / REAL_MODELS["faceplugin"][0], "mobilefacenet_arcface", backend="onnxruntime")
 
-    assert caught.value.mismatches["layout"] == ("NHWC", "NCHW")
-    assert caught.value.mismatches["embedding_size"] == (192, 512)
+    message = str(caught.value)
+    assert caught.value.mismatches == {
+        "colour_order": ("RGB", "BGR"),
+        "layout": ("NHWC", "NCHW"),
+        "mean": (127.5, 127.0),
+        "embedding_size": (192, 512),
+    }
+    assert caught.value.known_preset == "faceplugin"
+    assert message.count("Fix:") == 1
+    assert "Fix: set colour_order: BGR, layout: NCHW, mean: 127.0, embedding_size: 512 in the teacher spec" in message
+    assert "recognizer_spec: faceplugin in a stage config" in message
+    assert "spec: faceplugin in an evaluate config" in message
+    assert "`spec: faceplugin`" not in message
+    assert "cannot be read from a model file" not in message
+
+
+def test_onnx_fix_line_suffices(shared_models):
+    """A spec with the values of the Fix line loads the file without a second error."""
+    path = shared_models / REAL_MODELS["faceplugin"][0]
+    with pytest.raises(TeacherSpecError) as caught:
+        load_recognizer(path, "mobilefacenet_arcface", backend="onnxruntime")
+    fixed = {"preset": "mobilefacenet_arcface"} | {name: found for name, (_, found) in caught.value.mismatches.items()}
+
+    teacher = load_recognizer(path, fixed, backend="onnxruntime")
+
+    assert teacher.spec == SPEC_PRESETS["faceplugin"]
+
+
+def test_unknown_onnx_error_asks_for_documentation(tiny_onnx):
+    with pytest.raises(TeacherSpecError) as caught:
+        load_recognizer(tiny_onnx, TINY_SPEC | {"architecture": "onnx", "embedding_size": 512}, backend="onnxruntime")
+
+    message = str(caught.value)
+    assert caught.value.mismatches == {"embedding_size": (512, TINY_EMBEDDING)}
+    assert caught.value.known_preset is None
+    assert "colour_order, mean, std cannot be read from a model file" in message
+    assert "sha256" not in message
+
+
+def test_unknown_onnx_with_registered_name(tiny_onnx, tmp_path):
+    """A file not known by content but named like a preset's file gets that preset and the name hint."""
+    import onnx
+
+    renamed = tmp_path / "w600k_mbf.onnx"
+    onnx.save(onnx.load(str(tiny_onnx)), str(renamed))  # the export keeps its weights in a file beside it
+
+    with pytest.raises(TeacherSpecError) as caught:
+        load_recognizer(renamed, backend="onnxruntime")
+
+    message = str(caught.value)
+    assert caught.value.mismatches == {"input_size": (112, TINY_SIZE), "embedding_size": (512, TINY_EMBEDDING)}
+    assert "The preset 'w600k_mbf' describes files named w600k_mbf.onnx." in message
+    assert "recognizer_spec: w600k_mbf in a stage config or spec: w600k_mbf in an evaluate config" in message
+    assert "cannot be read from a model file" in message
 
 
 def test_onnx_unknown_file_needs_spec(tiny_onnx):
@@ -442,7 +498,11 @@ def test_known_file_other_preset_rejected(shared_models):
     with pytest.raises(TeacherSpecError) as caught:
         load_recognizer(shared_models / REAL_MODELS["faceplugin"][0], "w600k_mbf", backend="onnxruntime")
 
+    message = str(caught.value)
     assert caught.value.mismatches == {"colour_order": ("RGB", "BGR"), "mean": (127.5, 127.0), "std": (127.5, 128.0)}
+    assert "Fix: set colour_order: BGR, mean: 127.0, std: 128.0 in the teacher spec" in message
+    assert "{preset: faceplugin, colour_order: ...}" in message
+    assert "cannot be read from a model file" not in message
 
 
 def test_known_file_explicit_override(shared_models, caplog):

@@ -25,11 +25,12 @@ from lvlrfr.teachers.onnx_network import BACKENDS, build_onnx_network
 from lvlrfr.teachers.spec import (
     RecognizerSpec,
     TeacherSpecError,
-    check_recorded_fields,
     check_spec,
     onnx_spec_fields,
     preset_for_content,
+    recorded_field_mismatches,
     resolve_spec,
+    spec_mismatches,
     state_dict_differences,
 )
 from lvlrfr.teachers.zoo import DEFAULT_INSIGHTFACE_ROOT, is_zoo_name, resolve_zoo_model
@@ -143,7 +144,8 @@ def load_recognizer(
 
     Raises:
         TeacherSpecError: the file disagrees with the spec, or the spec contradicts the colour order,
-            mean or std recorded for a known ONNX file (``PRESETS_BY_SHA256``). The message lists each field.
+            mean or std recorded for a known ONNX file (``PRESETS_BY_SHA256``). One error lists every
+            mismatching field of both kinds.
         FileNotFoundError: ``source`` is neither a file nor an available model-zoo name
             (``ZooModelNotFoundError``, a subclass, names the path at which to place a zoo model).
     """
@@ -179,10 +181,11 @@ def load_onnx_recognizer(
 
     model = onnx.load(str(path))
     found = onnx_spec_fields(model)
+    known = preset_for_content(path)
     resolved = resolve_spec(spec, path)
-    if resolved is None and preset_for_content(path) is not None:
+    if resolved is None and known is not None:
         # A known model file under another name: its recorded preset applies.
-        resolved = resolve_spec(preset_for_content(path), path)
+        resolved = resolve_spec(known, path)
     if resolved is None:
         raise TeacherSpecError(
             path,
@@ -193,24 +196,30 @@ def load_onnx_recognizer(
                 "give a spec (or a preset name) that also states colour_order, mean and std."
             ],
         )
-    check_spec(resolved, found, path)
-    if spec is not None:
-        check_recorded_fields(spec, resolved, path)
+    # Fields read from the graph and fields recorded for a known file go into one error, so that a
+    # single Fix line lists every value to change.
+    mismatches = spec_mismatches(resolved, found)
+    if spec is not None and known is not None:
+        mismatches |= recorded_field_mismatches(spec, resolved, known, path)
+    if mismatches:
+        raise TeacherSpecError(path, mismatches, known_preset=known)
 
     network = build_onnx_network(model, path, backend)
     teacher = RecognizerTeacher(network, resolved, path)
     if found["embedding_size"] is None:
-        _check_output_size(teacher)
+        # NOTE: a symbolic embedding size can be measured only once layout and input size match, because
+        # the test run fails otherwise. Its mismatch therefore comes in a second error.
+        _check_output_size(teacher, known)
     logger.info("Loaded recognizer %s with %s: %s", path, type(network).__name__, resolved)
     return teacher
 
 
-def _check_output_size(teacher: RecognizerTeacher) -> None:
+def _check_output_size(teacher: RecognizerTeacher, known_preset: str | None) -> None:
     """Run one blank image to measure an embedding size the graph leaves symbolic."""
     size = teacher.spec.input_size
     with torch.no_grad():
         measured = teacher.embed(torch.zeros(1, 3, size, size)).shape[1]
-    check_spec(teacher.spec, {"embedding_size": measured}, teacher.source)
+    check_spec(teacher.spec, {"embedding_size": measured}, teacher.source, known_preset=known_preset)
 
 
 def load_state_dict_recognizer(

@@ -95,7 +95,8 @@ SPEC_PRESETS: dict[str, RecognizerSpec] = {
     "arcface_torch_r50": RecognizerSpec("iresnet50", 112, "RGB", "NCHW", 127.5, 127.5, 512),
     "arcface_torch_r100": RecognizerSpec("iresnet100", 112, "RGB", "NCHW", 127.5, 127.5, 512),
 }
-"""Specs of known recognizers, selectable by name in configs (``spec: mobilefacenet_arcface``)."""
+"""Specs of known recognizers, selectable by name in configs (``recognizer_spec: mobilefacenet_arcface`` in a
+stage config, ``spec: mobilefacenet_arcface`` in an evaluate config)."""
 
 PRESETS_BY_FILE_NAME: dict[str, str] = {
     "mobilefacenet_arcface.onnx": "mobilefacenet_arcface",
@@ -114,7 +115,8 @@ PRESETS_BY_SHA256: dict[str, str] = {
 }
 """Preset recorded for a model file identified by the sha256 of its content, whatever its name.
 
-A user spec that contradicts the recorded colour order, mean or std raises ``TeacherSpecError``."""
+A user spec that contradicts the recorded colour order, mean or std raises ``TeacherSpecError``, which
+lists these fields together with those read from the graph."""
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -131,21 +133,18 @@ def preset_for_content(path: str | Path) -> str | None:
     return PRESETS_BY_SHA256.get(file_sha256(path))
 
 
-def check_recorded_fields(
-    requested: RecognizerSpec | Mapping[str, Any] | str | None, resolved: RecognizerSpec, path: str | Path
-) -> None:
-    """Check colour order, mean and std of a spec against the preset recorded for a known model file.
+def recorded_field_mismatches(
+    requested: RecognizerSpec | Mapping[str, Any] | str | None, resolved: RecognizerSpec, known: str, path: str | Path
+) -> dict[str, tuple[Any, Any]]:
+    """Compare colour order, mean and std of a spec with preset ``known``, recorded for the file at ``path``.
 
     No model file stores these fields, so only files listed in ``PRESETS_BY_SHA256`` can be checked.
     A mapping spec that names the recorded preset and sets a field itself (``{"preset": "faceplugin",
     "colour_order": "RGB"}``) overrides that field on purpose: this is logged as a warning and accepted.
 
-    Raises:
-        TeacherSpecError: a field differs from the recorded preset without such an explicit override.
+    Returns:
+        ``{field: (value in the spec, value recorded for the file)}`` for each other difference.
     """
-    known = preset_for_content(path)
-    if known is None:
-        return
     recorded = SPEC_PRESETS[known]
     overridden = set(requested) if isinstance(requested, Mapping) and requested.get("preset") == known else set()
     mismatches = {}
@@ -157,17 +156,7 @@ def check_recorded_fields(
             logger.warning("%s: %s=%r overrides %r recorded by preset %r for this file", path, name, value, expected, known)
         else:
             mismatches[name] = (value, expected)
-    if mismatches:
-        first = next(iter(mismatches))
-        raise TeacherSpecError(
-            path,
-            mismatches,
-            [
-                f"{Path(path).name} is the file that preset {known!r} describes (identified by its sha256), "
-                "and the values above are recorded for it.",
-                f"To override one on purpose, name the preset and the field: {{preset: {known}, {first}: ...}}.",
-            ],
-        )
+    return mismatches
 
 
 def preset_for_file(path: str | Path) -> str | None:
@@ -212,8 +201,11 @@ class TeacherSpecError(ValueError):
 
     Attributes:
         source: the model file or name.
-        mismatches: ``{field: (value in the spec, value found in the file)}``.
+        mismatches: ``{field: (value in the spec, value found in the file)}``, in the field order of
+            ``RecognizerSpec``. For a file known by content, the found colour order, mean and std are
+            those of the preset that ``PRESETS_BY_SHA256`` records for it.
         details: extra lines, e.g. missing and unexpected state-dict keys.
+        known_preset: the preset recorded for the file's sha256, or None for a file not known by content.
     """
 
     def __init__(
@@ -221,10 +213,12 @@ class TeacherSpecError(ValueError):
         source: str | Path,
         mismatches: Mapping[str, tuple[Any, Any]],
         details: list[str] | None = None,
+        known_preset: str | None = None,
     ):
         self.source = str(source)
-        self.mismatches = dict(mismatches)
+        self.mismatches = dict(sorted(mismatches.items(), key=lambda item: _field_position(item[0])))
         self.details = list(details or [])
+        self.known_preset = known_preset
         super().__init__(self._format())
 
     def _format(self) -> str:
@@ -236,20 +230,61 @@ class TeacherSpecError(ValueError):
             lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
             fixes = ", ".join(f"{name}: {found}" for name, (_, found) in self.mismatches.items())
             lines.append(f"Fix: set {fixes} in the teacher spec, or load the file that the spec describes.")
-            preset = preset_for_file(self.source)
-            if preset is not None:
-                lines.append(f"The preset {preset!r} describes {Path(self.source).name}; `spec: {preset}` selects it.")
+            lines += self._preset_lines()
         lines += self.details
-        if not set(self.mismatches) & set(UNREADABLE_FIELDS):
+        if self.known_preset is None:
             lines.append(
                 f"{', '.join(UNREADABLE_FIELDS)} cannot be read from a model file; "
                 "check them against the model's documentation."
             )
         return "\n".join(lines)
 
+    def _preset_lines(self) -> list[str]:
+        """Build the lines naming the preset of the file: the one recorded for its sha256, else the one for its name."""
+        file_name = Path(self.source).name
+        if self.known_preset is None:
+            preset = preset_for_file(self.source)
+            if preset is None:
+                return []
+            return [f"The preset {preset!r} describes files named {file_name}. {_preset_selection(preset)}"]
 
-def check_spec(spec: RecognizerSpec, found: Mapping[str, Any], source: str | Path, details: list[str] | None = None):
-    """Raise ``TeacherSpecError`` for each field of ``found`` that differs from ``spec``.
+        preset = self.known_preset
+        lines = [f"{file_name} is the file that preset {preset!r} describes (identified by its sha256)."]
+        recorded = [name for name in self.mismatches if name in UNREADABLE_FIELDS]
+        if recorded:
+            names = recorded[0] if len(recorded) == 1 else f"{', '.join(recorded[:-1])} or {recorded[-1]}"
+            lines.append(
+                f"No model file stores {names}, so the values found for them are those "
+                f"that preset {preset!r} records for this file."
+            )
+        lines.append(_preset_selection(preset))
+        if recorded:
+            lines.append(
+                "To override a recorded field on purpose, name the preset and the field: "
+                f"{{preset: {preset}, {recorded[0]}: ...}}."
+            )
+        return lines
+
+
+def _field_position(name: str) -> int:
+    """Return the position of ``name`` among the ``RecognizerSpec`` fields, or the field count for another name."""
+    names = [spec_field.name for spec_field in dataclasses.fields(RecognizerSpec)]
+    return names.index(name) if name in names else len(names)
+
+
+def _preset_selection(preset: str) -> str:
+    """Return the sentence telling how to select ``preset`` with each of the two config keys.
+
+    Stage configs name the spec ``recognizer_spec`` and evaluate configs name it ``spec``.
+    """
+    return (
+        f"To use that preset, write recognizer_spec: {preset} in a stage config "
+        f"or spec: {preset} in an evaluate config."
+    )
+
+
+def spec_mismatches(spec: RecognizerSpec, found: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Return ``{field: (value in spec, value in found)}`` for each field of ``found`` that differs from ``spec``.
 
     ``found`` contains the values read from the file (``None`` for a value the file does not fix).
     """
@@ -257,8 +292,24 @@ def check_spec(spec: RecognizerSpec, found: Mapping[str, Any], source: str | Pat
     for name, value in found.items():
         if value is not None and getattr(spec, name) != value:
             mismatches[name] = (getattr(spec, name), value)
+    return mismatches
+
+
+def check_spec(
+    spec: RecognizerSpec,
+    found: Mapping[str, Any],
+    source: str | Path,
+    details: list[str] | None = None,
+    known_preset: str | None = None,
+) -> None:
+    """Raise ``TeacherSpecError`` when a field of ``found`` differs from ``spec`` or ``details`` is not empty.
+
+    ``found`` contains the values read from the file (``None`` for a value the file does not fix).
+    ``known_preset`` is the preset recorded for the file's sha256, if any.
+    """
+    mismatches = spec_mismatches(spec, found)
     if mismatches or details:
-        raise TeacherSpecError(source, mismatches, details)
+        raise TeacherSpecError(source, mismatches, details, known_preset)
 
 
 def onnx_spec_fields(model: Any) -> dict[str, Any]:
