@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lvlrfr.data.datamodule import LowResFaceDataModule
 from lvlrfr.data.image import ImageReadError, encode_rgb, load_rgb
 from lvlrfr.data.prepared import read_manifest
 from lvlrfr.data.sources.errors import DataFormatError
 from lvlrfr.data.sources.folders import IdentityFolderSource
 from lvlrfr.data.sources.lfw import read_lfw_pairs
 from lvlrfr.data.sources.verification_bin import VerificationBinSource, write_verification_bin
+from lvlrfr.utils.errors import ConfigurationError
 
 
 @pytest.fixture()
@@ -50,6 +52,41 @@ def test_lfw_pairs_bad_line_names_file(tmp_path, lfw_root):
     with pytest.raises(ValueError, match="line 2") as error:
         read_lfw_pairs(pairs, lfw_root)
     assert "my_pairs.txt" in str(error.value)
+
+
+def test_lfw_pairs_word_image_number_named(tmp_path, lfw_root):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1 1\nAbel_Pacheco one 2\nAbel_Pacheco 1 Abdullah_Gul 1\n")
+
+    with pytest.raises(ValueError) as error:
+        read_lfw_pairs(pairs, lfw_root)
+    assert str(error.value) == (
+        f"{pairs} line 2 is 'Abel_Pacheco one 2'; expected a matched 'name i j' pair with integer image numbers i and j"
+    )
+
+
+def test_lfw_pairs_word_number_in_mismatched_pair(tmp_path, lfw_root):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1 1\nAbel_Pacheco 1 2\nAbel_Pacheco 1 Abdullah_Gul x\n")
+
+    with pytest.raises(ValueError, match="line 3 is 'Abel_Pacheco 1 Abdullah_Gul x'; expected a mismatched"):
+        read_lfw_pairs(pairs, lfw_root)
+
+
+@pytest.mark.parametrize("eval_folds", [[10], [10, 10], []])
+def test_fewer_than_two_eval_folds_rejected(lfw_root, eval_folds):
+    with pytest.raises(ConfigurationError) as error:
+        LowResFaceDataModule(train_root=str(lfw_root), pairs_file=str(lfw_root / "pairs.txt"), eval_folds=eval_folds)
+    message = str(error.value)
+    assert message.startswith(f"data.eval_folds is {eval_folds}, but k-fold verification needs at least two")
+    assert "give at least two folds, e.g. [9, 10]" in message
+    assert "set data.pairs_file to null to train without evaluation" in message
+
+
+def test_single_eval_fold_without_pairs_file(lfw_root):
+    datamodule = LowResFaceDataModule(train_root=str(lfw_root), pairs_file=None, eval_folds=[10])
+
+    assert datamodule.eval_protocol is None
 
 
 def test_empty_identity_folder_named(three_people):

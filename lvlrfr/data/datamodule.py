@@ -23,6 +23,7 @@ from lvlrfr.data.degradation import Degradation
 from lvlrfr.data.image import to_tensor
 from lvlrfr.data.sources.folders import IdentityFolderSource
 from lvlrfr.data.sources.lfw import PairProtocol, read_lfw_pairs
+from lvlrfr.utils.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,12 @@ class LowResFaceDataModule(L.LightningDataModule):
         unknown = sorted(set(self.eval_folds) - set(LFW_FOLDS))
         if unknown:
             raise ValueError(f"data.eval_folds contains {unknown}; LFW folds are numbered 1 to 10")
+        if self.pairs_file is not None and len(self.eval_folds) < 2:
+            raise ConfigurationError(
+                f"data.eval_folds is {self.hparams['eval_folds']}, but k-fold verification needs at least two "
+                "distinct folds because the threshold for each fold is chosen on the other folds; give at least "
+                "two folds, e.g. [9, 10], or set data.pairs_file to null to train without evaluation"
+            )
 
     # ------------------------------------------------------------------------------------ sources
 

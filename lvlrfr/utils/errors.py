@@ -14,7 +14,12 @@ class ConfigurationError(ValueError):
 
 
 #: Exceptions whose message alone tells the user what to fix. Set LVLRFR_DEBUG=1 to see the traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, ValueError, ImportError)
+#: OSError covers lvlrfr's own I/O errors (a teacher that cannot be loaded, an unreadable image) and
+#: environment failures such as a full disk or a refused permission.
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ImportError)
+
+#: Package whose modules write the messages that :func:`user_error_to_report` prefers.
+PROJECT_PACKAGE = "lvlrfr"
 
 # Lines of jsonargparse's union-type reports that repeat the config instead of naming the problem.
 _NOISE = re.compile(
@@ -31,17 +36,44 @@ def condense_parser_message(message: str) -> str:
     return "; ".join(lines).replace(":; ", ": ")
 
 
-def innermost_user_error(error: BaseException) -> BaseException:
-    """Return the deepest exception in the cause chain that is a user error (jsonargparse wraps them)."""
-    found = error
-    seen = set()
+def cause_chain(error: BaseException) -> list[BaseException]:
+    """Return ``error`` followed by its causes (``__cause__``, else ``__context__``), outermost first."""
+    chain: list[BaseException] = []
     current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, USER_ERRORS):
-            found = current
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
         current = current.__cause__ or current.__context__
-    return found
+    return chain
+
+
+def raised_in_project(error: BaseException) -> bool:
+    """Return True when the frame that raised ``error`` belongs to a module of the lvlrfr package."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    frame_globals = traceback.tb_frame.f_globals
+    # A module run with ``python -m`` is named __main__, but its spec still has the dotted name.
+    spec = frame_globals.get("__spec__")
+    module = spec.name if spec is not None else frame_globals.get("__name__", "")
+    return module == PROJECT_PACKAGE or module.startswith(f"{PROJECT_PACKAGE}.")
+
+
+def user_error_to_report(error: BaseException) -> BaseException:
+    """Pick the exception of ``error``'s cause chain whose message the user should see.
+
+    The outermost user error raised in lvlrfr code wins, because lvlrfr re-raises library errors
+    (``from error``) with the option and the fix in its own message. Without one, the innermost user
+    error wins, which skips the union-type ``ValueError`` that jsonargparse wraps around an exception
+    raised while it instantiates a class. Without any user error, ``error`` itself is returned.
+    """
+    chain = cause_chain(error)
+    user_errors = [exception for exception in chain if isinstance(exception, USER_ERRORS)]
+    for exception in user_errors:
+        if raised_in_project(exception):
+            return exception
+    return user_errors[-1] if user_errors else error
 
 
 def exit_with_error(error: BaseException) -> NoReturn:
@@ -49,7 +81,7 @@ def exit_with_error(error: BaseException) -> NoReturn:
     if os.environ.get("LVLRFR_DEBUG"):
         raise error
     logging.getLogger("lvlrfr").debug("Stopping on a user error", exc_info=error)
-    print(f"lvlrfr: error: {innermost_user_error(error)}", file=sys.stderr)
+    print(f"lvlrfr: error: {user_error_to_report(error)}", file=sys.stderr)
     print("lvlrfr: set LVLRFR_DEBUG=1 to see the traceback", file=sys.stderr)
     raise SystemExit(2)
 

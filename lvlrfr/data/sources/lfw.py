@@ -71,6 +71,11 @@ def _image_path(root: Path, name: str, number: str, suffix: str) -> Path:
     return root / name / f"{name}_{int(number):04d}{suffix}"
 
 
+def _are_image_numbers(*fields: str) -> bool:
+    """Return True when every field is a decimal image number that ``int`` accepts."""
+    return all(field.isdecimal() for field in fields)
+
+
 def read_lfw_pairs(pairs_file: str | Path, root: str | Path, suffix: str = ".jpg") -> PairProtocol:
     """Parse LFW's View-2 ``pairs.txt`` into a :class:`PairProtocol` with images under ``root``.
 
@@ -119,17 +124,20 @@ def read_lfw_pairs(pairs_file: str | Path, root: str | Path, suffix: str = ".jpg
         for position in range(2 * per_fold):
             line_number += 1
             fields = lines[line_number - 1].split()
-            if position < per_fold and len(fields) == 3:
+            if position < per_fold and len(fields) == 3 and _are_image_numbers(fields[1], fields[2]):
                 name, first, second = fields
                 left, right = _image_path(root, name, first, suffix), _image_path(root, name, second, suffix)
                 names = (name, name)
-            elif position >= per_fold and len(fields) == 4:
+            elif position >= per_fold and len(fields) == 4 and _are_image_numbers(fields[1], fields[3]):
                 left = _image_path(root, fields[0], fields[1], suffix)
                 right = _image_path(root, fields[2], fields[3], suffix)
                 names = (fields[0], fields[2])
             else:
                 kind = "matched 'name i j'" if position < per_fold else "mismatched 'name1 i name2 j'"
-                raise ValueError(f"{pairs_file} line {line_number} is {lines[line_number - 1]!r}; expected a {kind} pair")
+                raise ValueError(
+                    f"{pairs_file} line {line_number} is {lines[line_number - 1]!r}; expected a {kind} pair "
+                    "with integer image numbers i and j"
+                )
             pairs.append((add(left, line_number), add(right, line_number)))
             same.append(position < per_fold)
             folds.append(fold)
