@@ -272,7 +272,9 @@ class LowResFaceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            logger.info("Training data: %s", self.train_source.describe())
+            logger.info(
+                "Training data: %s, using %d of the images", self.train_source.describe(), len(self.train_indices)
+            )
         if stage in (None, "fit", "validate", "test", "predict") and self.eval_protocol is not None:
             logger.info(
                 "Evaluation: %d pairs of folds %s over %d images at %s px",
