@@ -234,7 +234,7 @@ def benchmark_generative(arguments: argparse.Namespace, work: Path, preset: str)
     config = SR_TEACHERS[preset]
     teacher = (
         f"{preset.upper()}-profile diffusion SR teacher: UNet {config['block_out_channels']} x "
-        f"{config['layers_per_block']} layer(s) per block, sample size {config['sample_size']}, "
+        f"{plural(config['layers_per_block'], 'layer')} per block, sample size {config['sample_size']}, "
         f"{parameter_count(factory(None).sr_teacher)}"
     )
     return Comparison("generative", teacher, plain, cached, f"{preset.upper()}-profile UNet")
