@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from lvlrfr.data.degradation import Degradation, coerce_degradation
+from lvlrfr.data.sources.lfw import read_lfw_pairs
 from lvlrfr.evaluation.metrics import VerificationMetric
 from lvlrfr.evaluation.plots import plot_roc
 from lvlrfr.evaluation.verification import fuse_flip
@@ -51,6 +52,44 @@ def check_trained_degradation(recorded: dict[str, Any] | None, data: Degradation
         logger.warning(
             "%s was trained on %s-pixel faces, the data module produces %d-pixel faces",
             source, recorded.get("vlr_size"), data_spec["vlr_size"],
+        )
+
+
+def check_people_held_out(recorded: dict[str, Any] | None, datamodule: Any, source: str) -> None:
+    """Raise ``ConfigurationError`` when ``source`` was trained on people whom ``datamodule`` evaluates.
+
+    ``recorded`` is the data module's hyper-parameters stored in the checkpoint that ``source`` comes from
+    (``datamodule_hyper_parameters``; None when it stores none, which passes). An earlier stage trained on
+    the image root of the evaluation pairs must have left out everyone in the evaluated pairs, or the
+    verification figures of this stage would include faces that its teacher or backbone was trained on.
+    """
+    protocol = getattr(datamodule, "full_protocol", None) if datamodule is not None else None
+    if not recorded or protocol is None or not recorded.get("train_root"):
+        return
+    train_root = Path(recorded["train_root"]).resolve()
+    if train_root != Path(datamodule.eval_root).resolve():
+        return
+    held_out: set[str] = set()
+    earlier_eval_root = Path(recorded.get("eval_root") or recorded["train_root"]).resolve()
+    if recorded.get("pairs_file") and recorded.get("exclude_eval_people", True) and earlier_eval_root == train_root:
+        pairs_file = Path(recorded["pairs_file"])
+        earlier_folds = list(recorded.get("eval_folds") or [])
+        if pairs_file.resolve() == Path(datamodule.pairs_file).resolve():
+            held_out = protocol.people_in_folds(earlier_folds)
+        elif pairs_file.is_file():
+            held_out = read_lfw_pairs(pairs_file, train_root).people_in_folds(earlier_folds)
+        else:
+            logger.warning(
+                "Cannot check which people %s was trained on: its pairs file %s is missing", source, pairs_file
+            )
+            return
+    leaked = sorted(protocol.people_in_folds(datamodule.eval_folds) - held_out)
+    if leaked:
+        raise ConfigurationError(
+            f"{source} was trained on {len(leaked)} people of the evaluated pairs (data.eval_folds "
+            f"{datamodule.eval_folds}), for example {', '.join(leaked[:3])}: its training held out the folds "
+            f"{recorded.get('eval_folds') if held_out else 'none'}. Evaluate on folds that every earlier stage held "
+            "out, or train the earlier stages with the same data.eval_folds"
         )
 
 
@@ -104,6 +143,10 @@ class FaceStage(L.LightningModule):
         for name in self._frozen_names:
             getattr(self, name).eval()
         return self
+
+    def attached_datamodule(self) -> Any:
+        """Return the trainer's data module, or None without a trainer or data module."""
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for parameter in self.parameters() if parameter.requires_grad]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lvlrfr.losses.distillation import EmbeddingDistillationLoss
 from lvlrfr.losses.relational import RelationalContrastiveLoss
 from lvlrfr.models.student import StudentBackbone, StudentHead
-from lvlrfr.stages.base import FaceStage, check_trained_degradation
+from lvlrfr.stages.base import FaceStage, check_people_held_out, check_trained_degradation
 from lvlrfr.teachers.cache import check_cache_root
 from lvlrfr.teachers.cache_entries import open_recognizer_cache
 from lvlrfr.teachers.recognizer import load_recognizer
@@ -112,6 +112,7 @@ class DiscriminativeDistillation(FaceStage):
         backbone_config = student_state["hyper_parameters"]["backbone"]
         self.hparams["backbone"] = backbone_config
         self._student_degradation = student_state["hyper_parameters"].get("degradation")
+        self._student_data = student_state.get("datamodule_hyper_parameters")
 
         self.backbone = StudentBackbone(**backbone_config)
         prefix = "backbone."
@@ -139,6 +140,7 @@ class DiscriminativeDistillation(FaceStage):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_trained_degradation(self._student_degradation, self.degradation, "the stage 1 backbone")
+        check_people_held_out(self._student_data, self.attached_datamodule(), "the stage 1 backbone")
         self.setup_margin_head(stage)
         if stage == "fit" and self.hparams.teacher_cache and self._teacher_cache is None:
             self._teacher_cache = open_recognizer_cache(self.hparams.teacher_cache, self.recognizer, self.trainer)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lvlrfr.losses.distillation import FeatureRegressionLoss, pair_taps_by_stride
 from lvlrfr.models.student import StudentBackbone
-from lvlrfr.stages.base import FaceStage, check_trained_degradation
+from lvlrfr.stages.base import FaceStage, check_people_held_out, check_trained_degradation
 from lvlrfr.teachers.cache import check_cache_root
 from lvlrfr.teachers.cache_entries import open_tap_cache
 from lvlrfr.teachers.diffusion import DiffusionSRTeacher
@@ -97,6 +97,7 @@ class GenerativeDistillation(FaceStage):
                 "set both to the same model input size"
             )
         check_trained_degradation(self.sr_teacher.trained_degradation, self.degradation, "the diffusion SR teacher")
+        check_people_held_out(self.sr_teacher.trained_data, self.attached_datamodule(), "the diffusion SR teacher")
         if stage == "fit" and self.hparams.teacher_cache and self._teacher_cache is None:
             self._teacher_cache = open_tap_cache(self.hparams.teacher_cache, self.sr_teacher, self.teacher_taps, self.trainer)
 

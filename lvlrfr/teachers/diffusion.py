@@ -207,8 +207,9 @@ class DiffusionSRTeacher(nn.Module):
         self.scheduler = scheduler
         self.tap_timestep = int(tap_timestep)
         self.noise_seed = int(noise_seed)
-        # The degradation of the faces the teacher was trained on, when its checkpoint records it.
+        # The degradation and the data module settings of the teacher's training, when its checkpoint records them.
         self.trained_degradation: dict[str, Any] | None = None
+        self.trained_data: dict[str, Any] | None = None
         self.condition_on_hr = bool(condition_on_hr)
         self.up_kernel = up_kernel
         self.hr_kernel = hr_kernel
@@ -492,6 +493,7 @@ class DiffusionSRTeacher(nn.Module):
         teacher = cls(**teacher_args)
         teacher.load_state_dict(state)
         teacher.trained_degradation = checkpoint.get("hyper_parameters", {}).get("degradation")
+        teacher.trained_data = checkpoint.get("datamodule_hyper_parameters")
         logger.info("Loaded the diffusion SR teacher from checkpoint %s", checkpoint_path)
         return teacher
 
