@@ -334,7 +334,7 @@ def format_report(comparisons: list[Comparison], arguments: argparse.Namespace, 
         )
     lines += [
         "",
-        "What remains of a cached epoch is the student's forward and backward passes and its losses; the data "
+        "What remains of a cached epoch is the student's forward and backward passes and its losses. The data "
         "loading leaves the epoch too, because the training set then reads the stored VLR face and label of each "
         "item instead of decoding, resizing and degrading its HR image. The student's part costs the same with both "
         "teachers of a stage, so the larger the teacher, the larger the gain. With a data-loader worker on the "
@@ -370,9 +370,10 @@ def teacher_overview(comparisons: list[Comparison]) -> list[str]:
     large = {"GPU-profile UNet", "iResNet-50"} & {comparison.label for comparison in comparisons}
     if large:
         text += (
-            " Besides the CPU profile's small teachers, the benchmark measures teachers of a full-scale run's size: "
-            "the UNet widths of `configs/gpu/sr_teacher.yaml` at the CPU profile's 32-pixel sample size, and an "
-            "iResNet-50 exported to ONNX as insightface's `w600k_r50.onnx`, the usual HR teacher of the field."
+            " Besides the CPU profile's small teachers, the benchmark measures two teachers of a full-scale run's "
+            "size. For stage 1 it uses the UNet widths of `configs/gpu/sr_teacher.yaml` at the CPU profile's 32-pixel "
+            "sample size. For stage 2 it uses an iResNet-50 exported to ONNX as insightface's `w600k_r50.onnx`, the "
+            "usual HR teacher of the field."
         )
     return [text]
 

@@ -41,7 +41,7 @@ def test_benchmark_writes_report(tmp_path, lfw_root, shared_models):
     assert (tmp_path / "work" / benchmarks.WORK_DIR_MARKER).is_file()
 
 
-def test_benchmark_keeps_a_folder_it_did_not_create(tmp_path, capsys):
+def test_benchmark_keeps_foreign_work_dir(tmp_path, capsys):
     work = tmp_path / "results"
     work.mkdir()
     (work / "keep.txt").write_text("user data")

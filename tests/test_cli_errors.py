@@ -133,7 +133,7 @@ def test_report_skips_library_wrapper(tmp_path, lfw_root):
     assert user_error_to_report(caught.value) is project_error
 
 
-def test_report_without_project_error_is_innermost():
+def test_report_falls_back_to_innermost():
     with pytest.raises(ValueError) as caught:
         try:
             raise FileNotFoundError("inner library message")
@@ -143,7 +143,7 @@ def test_report_without_project_error_is_innermost():
     assert str(user_error_to_report(caught.value)) == "inner library message"
 
 
-def test_report_without_user_error_is_error_itself():
+def test_report_without_user_error():
     error = RuntimeError("not a user error")
 
     assert not raised_in_project(error)

@@ -65,7 +65,7 @@ def test_lfw_pairs_word_image_number_named(tmp_path, lfw_root):
     )
 
 
-def test_lfw_pairs_word_number_in_mismatched_pair(tmp_path, lfw_root):
+def test_lfw_pairs_word_in_mismatched_pair(tmp_path, lfw_root):
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("1 1\nAbel_Pacheco 1 2\nAbel_Pacheco 1 Abdullah_Gul x\n")
 

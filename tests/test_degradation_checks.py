@@ -62,11 +62,11 @@ def test_stage1_warns_about_other_vlr_size(lfw_root, tmp_path, sr_checkpoint, ca
     with caplog.at_level(logging.WARNING, logger="lvlrfr.stages.base"):
         fit_generative(lfw_root, tmp_path, sr_checkpoint, "--data.degradation.vlr_size", "12", "--data.eval_sizes", "[12]")
 
-    assert "the diffusion SR teacher was trained on 16-pixel faces, the data module produces 12-pixel faces" in caplog.text
+    assert "the diffusion SR teacher was trained on 16-pixel faces, but the data module produces 12-pixel faces" in caplog.text
 
 
 @pytest.mark.parametrize("held_out", [[10], None], ids=["other-folds", "no-folds"])
-def test_stage1_rejects_teacher_trained_on_evaluated_people(lfw_root, tmp_path, held_out, capsys):
+def test_stage1_rejects_teacher_seeing_evaluated_people(lfw_root, tmp_path, held_out, capsys):
     checkpoint = save_sr_checkpoint(tmp_path / "sr.ckpt", lfw_root, held_out)
 
     with pytest.raises(SystemExit) as exit_info:
@@ -79,7 +79,7 @@ def test_stage1_rejects_teacher_trained_on_evaluated_people(lfw_root, tmp_path, 
     assert f"held out the folds {held_out or 'none'}" in error
 
 
-def test_stage1_accepts_evaluation_on_fewer_held_out_folds(lfw_root, tmp_path, sr_checkpoint, capsys):
+def test_stage1_accepts_subset_of_held_out_folds(lfw_root, tmp_path, sr_checkpoint, capsys):
     fit_generative(lfw_root, tmp_path, sr_checkpoint, "--data.eval_folds", "[9, 10]")
     checkpoint = save_sr_checkpoint(tmp_path / "sr.ckpt", lfw_root, [8, 9, 10])
 

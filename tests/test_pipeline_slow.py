@@ -124,7 +124,7 @@ def test_generative_stage_ddp_mixed_precision(trained_chain, lfw_root, tmp_path)
     assert (run / "checkpoints" / "final.ckpt").is_file()
 
 
-def test_discriminative_stage_ddp_builds_teacher_cache(trained_chain, lfw_root, shared_models, tmp_path):
+def test_stage2_ddp_builds_teacher_cache(trained_chain, lfw_root, shared_models, tmp_path):
     """Two CPU processes share one cache build, each filling half the rows, then train from the cache."""
     run, cache = tmp_path / "ddp_cache", tmp_path / "cache"
     run_lvlrfr(

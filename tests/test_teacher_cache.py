@@ -127,7 +127,7 @@ def test_flip_pairs_match_training_faces(train_root, faces):
     assert seen_flips == {0, 1}
 
 
-def test_cached_training_faces_match_training_faces(tmp_path, train_root):
+def test_cached_faces_match_training_faces(tmp_path, train_root):
     """Same seed, same order: the cached set yields the same flips, VLR faces and labels, and the stored outputs."""
     datamodule = make_datamodule(train_root, max_train_images=9)
     faces = FlipPairFaces.from_datamodule(datamodule)
@@ -149,7 +149,7 @@ def test_cached_training_faces_match_training_faces(tmp_path, train_root):
         np.testing.assert_array_equal(item[OUTPUTS_KEY]["embedding"].numpy(), vlr_signature(batch)["embedding"][0].numpy())
 
 
-def test_cached_training_faces_pickle_without_arrays(tmp_path, faces):
+def test_cached_faces_pickle_without_arrays(tmp_path, faces):
     cache = build(tmp_path, faces, vlr_signature)
     dataset = cache.training_faces(DEGRADATION, flip=False)
     first = dataset[0]
@@ -311,7 +311,7 @@ def test_cache_root_must_be_a_writable_folder(tmp_path, faces, monkeypatch):
     assert np.array_equal(build(tmp_path / "complete", faces, vlr_signature).arrays["embedding"], complete.arrays["embedding"])
 
 
-def test_stage_rejects_a_file_as_cache_before_loading(tmp_path, sr_teacher_folder):
+def test_stage_rejects_file_as_cache(tmp_path, sr_teacher_folder):
     a_file = tmp_path / "cache.txt"
     a_file.write_text("not a folder")
 
@@ -404,14 +404,19 @@ def test_generative_stage_cache_same_losses(tmp_path, train_root, sr_teacher_fol
         return lambda: GenerativeDistillation(str(sr_teacher_folder), **STUDENT, teacher_cache=cache)
 
     _, _, plain = fit(factory(), make_datamodule(train_root), ("sr_teacher", "encode"), tmp_path)
-    _, module, cached = fit(factory(str(tmp_path / "cache")), make_datamodule(train_root), ("sr_teacher", "encode"), tmp_path)
+    datamodule = make_datamodule(train_root)
+    _, module, cached = fit(factory(str(tmp_path / "cache")), datamodule, ("sr_teacher", "encode"), tmp_path)
 
     assert plain.teacher_calls == 3
     assert cached.teacher_calls == 0
     assert "hr" in plain.batch_keys
     assert "hr" not in cached.batch_keys
     np.testing.assert_allclose(cached.losses, plain.losses, rtol=1e-2)
-    taps = module._teacher_cache.arrays
+    # After the fit the data module reads images again, and the module reopens the cache on its next fit.
+    assert "hr" in datamodule.train_dataset()[0]
+    assert module._teacher_cache is None
+    (folder,) = (tmp_path / "cache").glob("sr_teacher-*")
+    taps = TeacherCache(folder).arrays
     assert set(taps) == {"down0", "down1", "mid"}
     assert taps["down0"].dtype == np.float16
     assert taps["down0"].shape == (len(PEOPLE) * IMAGES_PER_PERSON, 2, 16, 32, 32)

@@ -50,7 +50,7 @@ def check_trained_degradation(recorded: dict[str, Any] | None, data: Degradation
         )
     if recorded.get("vlr_size") != data_spec["vlr_size"]:
         logger.warning(
-            "%s was trained on %s-pixel faces, the data module produces %d-pixel faces",
+            "%s was trained on %s-pixel faces, but the data module produces %d-pixel faces",
             source, recorded.get("vlr_size"), data_spec["vlr_size"],
         )
 
@@ -80,7 +80,8 @@ def check_people_held_out(recorded: dict[str, Any] | None, datamodule: Any, sour
             held_out = read_lfw_pairs(pairs_file, train_root).people_in_folds(earlier_folds)
         else:
             logger.warning(
-                "Cannot check which people %s was trained on: its pairs file %s is missing", source, pairs_file
+                "Skipped the check of which people %s was trained on, because its pairs file %s is missing",
+                source, pairs_file,
             )
             return
     leaked = sorted(protocol.people_in_folds(datamodule.eval_folds) - held_out)
@@ -143,6 +144,16 @@ class FaceStage(L.LightningModule):
         for name in self._frozen_names:
             getattr(self, name).eval()
         return self
+
+    def teardown(self, stage: str) -> None:
+        # A data module that served training items from the teacher cache reads images again afterwards, so
+        # a later fit with the same data module does not receive this stage's cached batches.
+        if stage == "fit" and getattr(self, "_teacher_cache", None) is not None:
+            datamodule = self.attached_datamodule()
+            if hasattr(datamodule, "use_training_faces"):
+                datamodule.use_training_faces(None)
+            self._teacher_cache = None
+        super().teardown(stage)
 
     def attached_datamodule(self) -> Any:
         """Return the trainer's data module, or None without a trainer or data module."""

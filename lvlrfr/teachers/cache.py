@@ -107,7 +107,7 @@ class FlipPairFaces(Dataset):
 
     @classmethod
     def from_datamodule(cls, datamodule: Any) -> FlipPairFaces:
-        """Take the training images and the used indices of a ``LowResFaceDataModule``."""
+        """Build the faces from the training images and the used indices of a ``LowResFaceDataModule``."""
         return cls(datamodule.training_faces(), datamodule.train_indices)
 
     @property
@@ -206,7 +206,7 @@ class TeacherCache:
         self.meta = json.loads((self.folder / META_FILE).read_text())
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"teacher cache {self.folder} has format version {self.meta.get('format_version')}, this version of "
+                f"teacher cache {self.folder} has format version {self.meta.get('format_version')}, but this version of "
                 f"lvlrfr reads version {FORMAT_VERSION}"
             )
         self.indices = np.load(self.folder / INDICES_FILE)
@@ -477,7 +477,7 @@ def open_or_build(
             written = fill_shard(folder, faces, compute, rank, world_size, batch_size, num_workers, device)
     except KeyboardInterrupt:
         logger.warning(
-            "Teacher cache build interrupted; the items written so far are kept in %s and the next run resumes "
+            "Teacher cache build interrupted. The items written so far are kept in %s, and the next run resumes "
             "from them", building_folder(folder),
         )
         raise
